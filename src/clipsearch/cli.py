@@ -1,0 +1,73 @@
+"""The `clipsearch` command. Subcommands map 1:1 to library functions; each stage package owns its
+options in `<stage>/cli.py` (add_arguments / config_from_args / run) so `pipeline` can reuse them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from clipsearch import __version__
+from clipsearch.errors import ClipsearchError
+
+logger = logging.getLogger("clipsearch")
+
+# subcommand -> module that defines add_arguments(parser) and run(args) -> int
+COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("clipsearch.download.cli", "download images from URL lists into shards"),
+    "embed": ("clipsearch.embed.cli", "compute CLIP image and text embeddings of image shards"),
+    "index": ("clipsearch.index.cli", "build faiss indices from embeddings under a memory budget"),
+    "serve": ("clipsearch.serve.cli", "serve indices over HTTP: REST API and web page"),
+    "query": ("clipsearch.serve.query_cli", "batch retrieval by prompts or embeddings into parquet"),
+    "pipeline": ("clipsearch.pipeline", "download, embed and index in one go (then optionally serve)"),
+    "demo": ("clipsearch.demo.cli", "build the embedded sample end to end and serve it"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipsearch",
+        description="Turn lists of image URLs and captions into a CLIP semantic-search engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"clipsearch {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip().splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose < 2:
+        for noisy in ("httpx", "urllib3", "py4j", "PIL", "transformers", "filelock", "fsspec"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args._run(args) or 0)
+    except ClipsearchError as e:
+        print(f"clipsearch {args.command}: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

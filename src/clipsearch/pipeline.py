@@ -1,0 +1,121 @@
+"""Download, embed and index in one go (then optionally serve): OUT/images, OUT/embeddings, OUT/index.
+
+The options are the stages' own options, so `pipeline --image-size 224 --clip-model X` means what it
+means for `download` and `embed`. All configs are built and validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from clipsearch import distribute, storage
+from clipsearch.errors import OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+STAGE_FOLDERS = ("images", "embeddings", "index")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The three stages' configs, plus a serve config when the pipeline ends by serving."""
+
+    output_folder: str
+    download: Any  # clipsearch.download.DownloadConfig
+    embed: Any  # clipsearch.embed.EmbedConfig
+    index: Any  # clipsearch.index.IndexConfig
+    serve: Any = None  # clipsearch.serve.ServeConfig | None
+
+    def __post_init__(self) -> None:
+        check_output_folder(self.output_folder)
+
+
+def check_output_folder(folder: str) -> None:
+    """Refuse an output folder that holds something other than a previous pipeline run."""
+    if storage.folder_state(folder) != "nonempty":
+        return
+    fs, p = storage.get_fs(folder)
+    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)}
+    foreign = sorted(n for n in names if n not in STAGE_FOLDERS and not n.startswith("."))
+    if foreign:
+        raise OutputExistsError(
+            f"output folder {folder} exists and holds other files ({', '.join(foreign[:3])}); "
+            "refusing to write into it",
+            hint="--output-folder pointing to a new or empty folder, or a previous pipeline output to resume",
+        )
+
+
+def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run download -> embed -> index; each stage resumes what a previous run finished."""
+    from clipsearch.download import download
+    from clipsearch.embed import embed
+    from clipsearch.index import build_index
+
+    report: dict[str, Any] = {}
+    for name, fn, stage_cfg in (
+        ("download", download, cfg.download),
+        ("embed", embed, cfg.embed),
+        ("index", build_index, cfg.index),
+    ):
+        t0 = time.perf_counter()
+        logger.info("pipeline: %s", name)
+        report[name] = fn(stage_cfg)
+        logger.info("pipeline: %s done in %.1fs", name, time.perf_counter() - t0)
+    if cfg.serve is not None:
+        from clipsearch.serve import serve
+
+        serve(cfg.serve)
+    return report
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipsearch.download import cli as download_cli
+    from clipsearch.embed import cli as embed_cli
+    from clipsearch.index import cli as index_cli
+
+    parser.add_argument(
+        "--output-folder",
+        required=True,
+        help="where images/, embeddings/ and index/ are written (a previous run's folder resumes)",
+    )
+    download_cli.add_arguments(parser, pipeline=True)
+    embed_cli.add_arguments(parser, pipeline=True)
+    index_cli.add_arguments(parser, pipeline=True)
+    distribute.add_arguments(parser)
+    g = parser.add_argument_group("serving")
+    g.add_argument("--serve", action="store_true", help="serve the index over HTTP when the pipeline is done")
+    g.add_argument("--host", default="127.0.0.1", help="address to serve on (with --serve)")
+    g.add_argument("--port", type=int, default=8000, help="port to serve on (with --serve)")
+    g.add_argument("--index-name", default="default", help="name of the served index (with --serve)")
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    from clipsearch.download import cli as download_cli
+    from clipsearch.embed import cli as embed_cli
+    from clipsearch.index import cli as index_cli
+
+    out = args.output_folder.rstrip("/")
+    images, embeddings, index = (storage.join(out, f) for f in STAGE_FOLDERS)
+    d = download_cli.config_from_args(args, output_folder=images)
+    e = embed_cli.config_from_args(
+        args, input_dataset=images, output_folder=embeddings, input_format=d.output_format
+    )
+    i = index_cli.config_from_args(args, embeddings_folder=embeddings, index_folder=index)
+    s = None
+    if args.serve:
+        from clipsearch.serve import ServeConfig
+
+        s = ServeConfig(indices={args.index_name: index}, host=args.host, port=args.port)
+    return PipelineConfig(output_folder=out, download=d, embed=e, index=i, serve=s)
+
+
+def run(args: argparse.Namespace) -> int:
+    pipeline(config_from_args(args))
+    return 0

@@ -63,6 +63,18 @@ def guarded(fn: Callable[[Any], UnitResult], unit: Any) -> UnitResult:
     return res
 
 
+def run_with_retries(fn: Callable[[Any], UnitResult], unit: Any, max_retries: int) -> UnitResult:
+    """guarded() plus retries: units are idempotent, so running one again is always safe."""
+    res = guarded(fn, unit)
+    attempt = 0
+    while not res.ok and attempt < max_retries:
+        attempt += 1
+        logger.warning("retrying unit %s (attempt %d): %s", res.unit, attempt + 1, res.error)
+        res = guarded(fn, unit)
+    res.extra["attempts"] = attempt + 1
+    return res
+
+
 def _name(unit: Any) -> str:
     return str(getattr(unit, "name", None) or getattr(unit, "shard_id", None) or unit)
 
@@ -110,4 +122,30 @@ def config_from_args(args: Any, processes: int = 1) -> DistributorConfig:
         processes=processes,
         spark_master=args.spark_master,
         max_retries=args.max_retries,
+    )
+
+
+def assigned_gpu() -> int | None:
+    """The GPU index a distributed backend assigned to the current unit, if any."""
+    import os
+
+    from clipsearch.distribute.spark import GPU_ENV
+
+    v = os.environ.get(GPU_ENV)
+    return int(v) if v is not None and v.isdigit() else None
+
+
+def report_failures(results: list[UnitResult], stage: str) -> None:
+    """Log each failed unit by name with its error; raise UnitFailedError naming them all."""
+    from clipsearch.errors import UnitFailedError
+
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return
+    for r in failed:
+        logger.error("%s: unit %s failed: %s", stage, r.unit, r.error)
+    names = ", ".join(r.unit for r in failed[:10]) + (" ..." if len(failed) > 10 else "")
+    raise UnitFailedError(
+        f"{stage}: {len(failed)} of {len(results)} units failed every retry ({names}); "
+        "the others completed, re-run the same command to resume",
     )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-from clipsearch.distribute import DistributorConfig, UnitResult, guarded
+from clipsearch.distribute import DistributorConfig, UnitResult, run_with_retries
 
 
 def run_local(
@@ -20,14 +19,14 @@ def run_local(
     results: list[UnitResult | None] = [None] * len(units)
     if cfg.processes == 1 or len(units) == 1:
         for i, u in enumerate(units):
-            results[i] = guarded(fn, u)
+            results[i] = run_with_retries(fn, u, cfg.max_retries)
             if progress:
                 progress(results[i])
         return results  # type: ignore[return-value]
     # spawn: children must not inherit torch/faiss thread pools or open sockets from the parent
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(cfg.processes, len(units)), mp_context=ctx) as ex:
-        futs = {ex.submit(functools.partial(guarded, fn), u): i for i, u in enumerate(units)}
+        futs = {ex.submit(run_with_retries, fn, u, cfg.max_retries): i for i, u in enumerate(units)}
         for fut in as_completed(futs):
             i = futs[fut]
             try:

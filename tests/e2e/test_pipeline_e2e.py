@@ -1,0 +1,136 @@
+"""End to end: generated images served over local HTTP -> `clipsearch pipeline` -> text queries.
+
+The shipped tiny model must make text->image search meaningful: "a red circle" finds red circles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipsearch.cli import main
+from clipsearch.demo.sample import generate_sample
+from clipsearch.demo.server import serve_directory
+
+N_IMAGES = 300
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    rows = generate_sample(root / "www", N_IMAGES, seed=123)
+    with serve_directory(root / "www") as base:
+        urls = root / "urls.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"{base}/{r['file']}" for r in rows] + [f"{base}/missing.jpg"],
+                    "caption": [r["caption"] for r in rows] + ["a missing image"],
+                    "color": [r["color"] for r in rows] + ["none"],
+                    "shape": [r["shape"] for r in rows] + ["none"],
+                }
+            ),
+            urls,
+        )
+        out = root / "out"
+        rc = main(
+            ["-q", "pipeline", "--url-list", str(urls), "--output-folder", str(out),
+             "--number-sample-per-shard", "100", "--processes-count", "2", "--thread-count", "16",
+             "--save-additional-columns", "color", "shape"]
+        )  # fmt: skip
+        assert rc == 0
+    return root, out, rows
+
+
+def test_pipeline_writes_every_stage_folder(built):
+    root, out, rows = built
+    images = sorted(p.name for p in (out / "images").iterdir())
+    assert {"00000.tar", "00000.parquet", "00000.stats.json", "00003.stats.json"} <= set(images)
+    meta = pq.read_table(sorted((out / "images").glob("*.parquet"))).to_pylist()
+    status = Counter(r["status"] for r in meta)
+    assert status["success"] == N_IMAGES and status["failed_to_download"] == 1
+    manifest = json.loads((out / "embeddings" / "manifest.json").read_text())
+    assert manifest["total_rows"] == N_IMAGES and manifest["dtype"] == "float16"
+    info = json.loads((out / "index" / "index.json").read_text())
+    assert info["count"] == N_IMAGES and set(info["indices"]) >= {"image", "text"}
+
+
+def test_text_queries_find_colour_and_shape(built, tmp_path):
+    root, out, rows = built
+    combos = Counter((r["color"], r["shape"]) for r in rows)
+    # queries for every colour+shape that has at least 5 images, so recall@5 can reach 1
+    queries = [(c, s) for (c, s), n in combos.items() if n >= 5]
+    assert len(queries) >= 10
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a {c} {s}" for c, s in queries) + "\n")
+    hits = tmp_path / "hits.parquet"
+    assert main(["-q", "query", "--index", str(out / "index"), "--prompts", str(prompts), "-k", "5",
+                 "--output", str(hits)]) == 0  # fmt: skip
+    table = pq.read_table(hits).to_pylist()
+    url_attrs = {r["url"]: (r["color"], r["shape"]) for r in pq.read_table(root / "urls.parquet").to_pylist()}
+    per_query: dict[str, list] = {}
+    for h in table:
+        per_query.setdefault(h["query"], []).append(h)
+    recalls = []
+    for c, s in queries:
+        got = sorted(per_query[f"a {c} {s}"], key=lambda h: h["rank"])
+        assert [h["rank"] for h in got] == list(range(5))
+        recalls.append(sum(url_attrs[h["url"]] == (c, s) for h in got) / 5)
+    mean = sum(recalls) / len(recalls)
+    assert mean >= 0.8, f"recall@5 on colour+shape queries {mean:.2f} < 0.8"
+
+
+def test_second_run_resumes_without_redoing_work(built):
+    root, out, rows = built
+    before = {p: os.stat(p).st_mtime_ns for p in (out / "images").glob("*.tar")}
+    with serve_directory(root / "www"):
+        urls = root / "urls.parquet"
+        assert main(["-q", "pipeline", "--url-list", str(urls), "--output-folder", str(out),
+                     "--number-sample-per-shard", "100", "--save-additional-columns", "color", "shape"]) == 0  # fmt: skip
+    after = {p: os.stat(p).st_mtime_ns for p in (out / "images").glob("*.tar")}
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["download", "--url-list", "{root}/nope.parquet", "--output-folder", "{tmp}/o"], "nope.parquet"),
+        (["download", "--url-list", "{root}/urls.parquet", "--output-folder", "{tmp}/o", "--url-col", "link"], "link"),
+        (["pipeline", "--url-list", "{root}/urls.parquet", "--output-folder", "{root}/www"], "--output-folder"),
+        (["embed", "--input-dataset", "{out}/images", "--output-folder", "{tmp}/e", "--clip-model", "{tmp}/no-model"], "no-model"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_2(built, tmp_path, capsys, argv, expect):
+    root, out, rows = built
+    before = sorted(p.name for p in (root / "www").iterdir())
+    argv = [a.format(root=root, out=out, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and expect in err
+    assert sorted(p.name for p in (root / "www").iterdir()) == before  # nothing overwritten
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_malformed_url_file_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "urls.parquet"
+    bad.write_bytes(b"this is not parquet")
+    assert main(["download", "--url-list", str(bad), "--output-folder", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "urls.parquet" in err
+
+
+def test_help_documents_every_option(capsys):
+    for cmd in ["download", "embed", "index", "serve", "query", "pipeline", "demo"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: clipsearch " + cmd in out
+        # every option line carries help text (argparse prints options without help bare)
+        opts = [ln for ln in out.splitlines() if ln.strip().startswith("--")]
+        assert opts, cmd

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("clipsearch.index.cli", "build faiss indices from embeddings under a memory budget"),
     "serve": ("clipsearch.serve.cli", "serve indices over HTTP: REST API and web page"),
     "query": ("clipsearch.serve.query_cli", "batch retrieval by prompts or embeddings into parquet"),
+    "import": ("clipsearch.interop.cli", "convert a clip-retrieval or autofaiss index into a clipsearch index"),
     "pipeline": ("clipsearch.pipeline", "download, embed and index in one go (then optionally serve)"),
     "demo": ("clipsearch.demo.cli", "build the embedded sample end to end and serve it"),
 }

@@ -1,0 +1,192 @@
+"""Batch retrieval: prompts or query embeddings -> one parquet row per hit (formats.md section 4).
+
+`query(QueryConfig(index="out/index", prompts="prompts.txt", output="hits.parquet", k=10))` encodes the
+prompts with the index's model (or `clip_model`), searches (with an optional metadata filter, planned the
+same way as the server does) and streams the hits into parquet, written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipsearch import storage
+from clipsearch.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+BASE_SCHEMA = [
+    ("query", pa.string()),
+    ("rank", pa.int32()),
+    ("id", pa.int64()),
+    ("url", pa.string()),
+    ("caption", pa.string()),
+    ("similarity", pa.float32()),
+]
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    index: str
+    output: str
+    prompts: str | None = (
+        None  # text file, one prompt per line (or .parquet/.csv/.jsonl with a `prompt`/`text` column)
+    )
+    embeddings: str | None = None  # .npy [n, dim]
+    k: int = 10
+    modality: str = "image"
+    filter: str | None = None
+    columns: tuple[str, ...] = ()
+    clip_model: str | None = None
+    device: str = "cpu"
+    batch_size: int = 256
+    nprobe: int | None = None
+    efSearch: int | None = None
+    overwrite: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "columns", tuple(self.columns))
+        if (self.prompts is None) == (self.embeddings is None):
+            raise ConfigError(
+                "give exactly one of prompts and embeddings", hint="--prompts FILE or --embeddings FILE.npy"
+            )
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}", hint="-k 10")
+        if self.modality not in ("image", "text"):
+            raise ConfigError(
+                f"modality must be image or text, got {self.modality!r}", hint="--modality image"
+            )
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if not self.output.endswith(".parquet"):
+            raise ConfigError(f"output {self.output} must end with .parquet", hint="--output FILE.parquet")
+        if not self.overwrite and storage.exists(self.output):
+            raise ConfigError(f"output {self.output} exists", hint="remove it or choose another --output")
+
+
+def read_prompts(path: str) -> list[str]:
+    if not storage.exists(path):
+        raise InputError(f"prompts file {path} does not exist", hint="--prompts FILE")
+    fs, p = storage.get_fs(path)
+    if path.endswith((".parquet", ".csv", ".jsonl", ".json")):
+        import pyarrow.csv as pacsv
+        import pyarrow.json as pajson
+
+        with fs.open(p, "rb") as f:
+            if path.endswith(".parquet"):
+                table = pq.read_table(f)
+            elif path.endswith(".csv"):
+                table = pacsv.read_csv(f)
+            else:
+                table = pajson.read_json(f)
+        for col in ("prompt", "text", "caption", "query"):
+            if col in table.column_names:
+                return [str(x) if x is not None else "" for x in table.column(col).to_pylist()]
+        raise InputError(f"{path} has no prompt, text, caption or query column")
+    with fs.open(p, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompts file {path} holds no prompt")
+    return prompts
+
+
+def read_embeddings(path: str) -> np.ndarray:
+    if not storage.exists(path):
+        raise InputError(f"embeddings file {path} does not exist", hint="--embeddings FILE.npy")
+    fs, p = storage.get_fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            arr = np.load(f, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{path} is not a readable .npy file: {e}") from e
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise InputError(f"{path} must hold a [n, dim] array, got shape {arr.shape}")
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{path} holds non-finite values")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    return arr / np.maximum(norms, 1e-12)
+
+
+def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
+    """Run the batch retrieval; returns counts. `encoder` replaces the model (tests)."""
+    from clipsearch.serve.search import IndexSearcher, SearchParams
+
+    t0 = time.perf_counter()
+    searcher = IndexSearcher(cfg.index)
+    try:
+        missing = [c for c in cfg.columns if not searcher.metadata.has_column(c)]
+        if missing:
+            raise ConfigError(
+                f"unknown column(s) {', '.join(missing)}",
+                hint="--columns among " + ", ".join(searcher.metadata.columns),
+            )
+        searcher.modality(cfg.modality)
+        if cfg.prompts is not None:
+            labels = read_prompts(cfg.prompts)
+            if encoder is None:
+                from clipsearch.embed.models import load_clip
+
+                encoder = load_clip(cfg.clip_model or searcher.model or "clipsearch-tiny", device=cfg.device)
+            if int(encoder.dim) != searcher.dim:
+                raise ConfigError(
+                    f"model {getattr(encoder, 'name', '?')} makes {encoder.dim}-d vectors, the index holds {searcher.dim}-d",
+                    hint="--clip-model with the index's model",
+                )
+            vectors = None
+        else:
+            vectors = read_embeddings(cfg.embeddings or "")
+            if vectors.shape[1] != searcher.dim:
+                raise InputError(
+                    f"{cfg.embeddings} has dimension {vectors.shape[1]}, the index has {searcher.dim}"
+                )
+            labels = [str(i) for i in range(len(vectors))]
+        bitmap = searcher.filter_bitmap(cfg.filter) if cfg.filter else None
+        params = SearchParams(nprobe=cfg.nprobe, efSearch=cfg.efSearch)
+        meta_cols = [c for c in ("url", "caption") if searcher.metadata.has_column(c)]
+        extra_cols = [
+            c for c in cfg.columns if c not in ("query", "rank", "id", "url", "caption", "similarity")
+        ]
+        fields = list(BASE_SCHEMA) + [(c, searcher.metadata.column_type(c)) for c in extra_cols]
+        schema = pa.schema(fields)
+        hits = 0
+        with storage.atomic_open(cfg.output, "wb") as f:
+            writer = pq.ParquetWriter(f, schema)
+            for start in range(0, len(labels), cfg.batch_size):
+                batch_labels = labels[start : start + cfg.batch_size]
+                if vectors is None:
+                    q = np.asarray(encoder.encode_text(batch_labels), dtype=np.float32)
+                else:
+                    q = vectors[start : start + cfg.batch_size]
+                res = searcher.search(q, cfg.k, modality=cfg.modality, filter=bitmap, params=params)
+                qi, rank = np.nonzero(res.ids >= 0)
+                ids = res.ids[qi, rank]
+                rows = searcher.rows(ids, meta_cols + extra_cols)
+                cols: dict[str, Any] = {
+                    "query": [batch_labels[i] for i in qi],
+                    "rank": rank.astype(np.int32),
+                    "id": ids.astype(np.int64),
+                    "url": [r.get("url") for r in rows],
+                    "caption": [r.get("caption") for r in rows],
+                    "similarity": res.distances[qi, rank].astype(np.float32),
+                }
+                for c in extra_cols:
+                    cols[c] = [r.get(c) for r in rows]
+                writer.write_table(pa.table(cols, schema=schema))
+                hits += len(ids)
+            writer.close()
+    finally:
+        searcher.close()
+    secs = time.perf_counter() - t0
+    logger.info("query: %d queries, %d hits -> %s in %.1fs", len(labels), hits, cfg.output, secs)
+    return {"queries": len(labels), "hits": hits, "output": cfg.output, "seconds": secs}

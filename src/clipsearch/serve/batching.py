@@ -1,0 +1,104 @@
+"""Micro-batching of concurrent text queries: requests that arrive together are encoded together.
+
+Each request awaits `TextBatcher.encode(text)`. One worker task takes whatever texts are waiting (up to
+`max_batch`), encodes them in one call on a dedicated thread, and hands each request its row. While the
+encoder is busy, new requests queue up and form the next batch, so batching costs no latency at low load.
+A small LRU keeps recent text embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class TextBatcher:
+    def __init__(
+        self,
+        encode_fn: Callable[[list[str]], np.ndarray],
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 0.0,
+        cache_size: int = 4096,
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
+        self.encode_fn = encode_fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.cache_size = cache_size
+        self.on_batch = on_batch
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[Any]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-encode")
+
+    def _ensure_worker(self) -> asyncio.Queue[tuple[str, asyncio.Future[Any]]]:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop or self._worker is None or self._worker.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(self._queue))
+        return self._queue
+
+    async def encode(self, text: str) -> tuple[np.ndarray, float]:
+        """The embedding of `text` and the seconds it waited + took to encode."""
+        hit = self._cache.get(text)
+        if hit is not None:
+            self._cache.move_to_end(text)
+            return hit, 0.0
+        t0 = time.perf_counter()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ensure_worker().put_nowait((text, fut))
+        vec = await fut
+        return vec, time.perf_counter() - t0
+
+    async def _run(self, queue: asyncio.Queue[tuple[str, asyncio.Future[Any]]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await queue.get()
+            items = [first]
+            if self.max_wait > 0 and queue.empty():
+                await asyncio.sleep(self.max_wait)
+            while len(items) < self.max_batch and not queue.empty():
+                items.append(queue.get_nowait())
+            live = [(t, f) for t, f in items if not f.done()]
+            if not live:
+                continue
+            texts = list(dict.fromkeys(t for t, _ in live))
+            t0 = time.perf_counter()
+            try:
+                emb = await loop.run_in_executor(self._executor, self.encode_fn, texts)
+            except Exception as e:  # deliver the failure to every waiting request
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(texts), time.perf_counter() - t0)
+            row = {t: np.asarray(emb[i], dtype=np.float32) for i, t in enumerate(texts)}
+            for t, f in live:
+                if not f.done():
+                    f.set_result(row[t])
+            for t, v in row.items():
+                self._cache[t] = v
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)

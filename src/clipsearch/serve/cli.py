@@ -1,0 +1,82 @@
+"""Serve indices over HTTP: a REST API (/knn, /metadata, /indices, /healthz, /metrics) and a web page."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from clipsearch.errors import ConfigError
+from clipsearch.serve.settings import ServeSettings, parse_index_specs
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) -> None:
+    g = parser.add_argument_group("serve") if pipeline else parser
+    if not pipeline:
+        g.add_argument(
+            "--index",
+            action="append",
+            default=[],
+            metavar="NAME=DIR",
+            help="an index folder to serve, as NAME=DIR (repeatable); a bare DIR is named after its folder",
+        )
+        g.add_argument(
+            "--config", metavar="FILE", help="JSON or YAML file of serve settings (indices, limits, ...)"
+        )
+    g.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
+    g.add_argument(
+        "--clip-model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="CLIP model for queries (default: the model recorded in index.json)",
+    )
+    g.add_argument("--device", default=None, help="device for the model: cpu or cuda (default cpu)")
+    g.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (default 1)")
+    g.add_argument(
+        "--allow-url-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="let image_url fetch this host even if it resolves to a private or loopback address (repeatable)",
+    )
+    g.add_argument("--max-body-mb", type=float, default=None, help="request body limit in MB (default 16)")
+    g.add_argument(
+        "--max-image-mb", type=float, default=None, help="image upload / fetch limit in MB (default 10)"
+    )
+    g.add_argument("--no-web", action="store_true", help="serve the API only, not the web page")
+
+
+def settings_from_args(args: argparse.Namespace, indices: dict[str, str] | None = None) -> ServeSettings:
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "clip_model": args.clip_model,
+        "device": args.device,
+        "workers": args.workers,
+    }
+    if getattr(args, "allow_url_host", None):
+        overrides["allow_url_hosts"] = tuple(args.allow_url_host)
+    if getattr(args, "max_body_mb", None) is not None:
+        overrides["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
+    if getattr(args, "max_image_mb", None) is not None:
+        overrides["max_image_bytes"] = int(args.max_image_mb * 1024 * 1024)
+    if getattr(args, "no_web", False):
+        overrides["web"] = False
+    idx = dict(indices or {})
+    idx.update(parse_index_specs(getattr(args, "index", None) or []))
+    if idx:
+        overrides["indices"] = idx
+    config = getattr(args, "config", None)
+    if config:
+        return ServeSettings.from_file(config, **overrides)
+    return ServeSettings.from_env(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipsearch.serve import serve
+
+    settings = settings_from_args(args)
+    if not settings.indices:
+        raise ConfigError("no index to serve", hint="--index NAME=DIR (repeatable) or --config FILE")
+    serve(settings)
+    return 0

@@ -1,0 +1,54 @@
+"""Batch retrieval by prompts or embeddings into parquet (one row per hit)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) -> None:
+    parser.add_argument("--index", required=True, metavar="DIR", help="the index/ folder to search")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--prompts", metavar="FILE", help="text file with one prompt per line (or parquet/csv/jsonl)"
+    )
+    src.add_argument("--embeddings", metavar="FILE.npy", help="query vectors, float [n, dim]")
+    parser.add_argument("-k", type=int, default=10, help="hits per query")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="FILE.parquet", help="where to write the hits"
+    )
+    parser.add_argument(
+        "--filter", default=None, metavar="EXPR", help="metadata filter, e.g. 'caption contains \"dog\"'"
+    )
+    parser.add_argument(
+        "--modality", choices=("image", "text"), default="image", help="search the image or text index"
+    )
+    parser.add_argument("--columns", default="", help="extra metadata columns to write, comma-separated")
+    parser.add_argument(
+        "--clip-model", default=None, metavar="NAME_OR_PATH", help="model for prompts (default: index.json)"
+    )
+    parser.add_argument("--device", default="cpu", help="device for the model")
+    parser.add_argument("--batch-size", type=int, default=256, help="queries encoded and searched together")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: index.json)")
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: index.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipsearch.query import QueryConfig, query
+
+    cfg = QueryConfig(
+        index=args.index,
+        output=args.output,
+        prompts=args.prompts,
+        embeddings=args.embeddings,
+        k=args.k,
+        modality=args.modality,
+        filter=args.filter,
+        columns=tuple(c.strip() for c in args.columns.split(",") if c.strip()),
+        clip_model=args.clip_model,
+        device=args.device,
+        batch_size=args.batch_size,
+        nprobe=args.nprobe,
+        efSearch=args.ef_search,
+    )
+    query(cfg)
+    return 0

@@ -1,0 +1,1 @@
+"""One router per resource: knn, indices, metadata, health (healthz + metrics), web page."""

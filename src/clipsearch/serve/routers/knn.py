@@ -1,0 +1,133 @@
+"""POST /knn: one query input (text, image upload or base64, image_url, embedding, id) -> ranked results.
+
+The body is JSON (`KnnRequest`) or a multipart form with an `image` file and the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from clipsearch.errors import InputError
+from clipsearch.serve.deps import State
+from clipsearch.serve.schemas import KnnRequest, KnnResponse, multipart_schema
+from clipsearch.serve.service import Query
+
+router = APIRouter(tags=["search"])
+
+_FORM_LISTS = {"columns"}
+_FORM_JSON = {"embedding"}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad input (unreadable image, unknown column, bad filter, ...)"},
+    403: {"description": "image_url refused (private address)"},
+    404: {"description": "unknown index"},
+    413: {"description": "body or image too large"},
+    415: {"description": "unsupported content type"},
+    422: {"description": "invalid request fields"},
+}
+
+
+class UnsupportedMediaType(InputError):
+    pass
+
+
+async def parse_knn(request: Request, max_image_bytes: int) -> Query:
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
+        return await _parse_form(request, max_image_bytes)
+    if ctype not in ("application/json", ""):
+        raise UnsupportedMediaType(
+            f"content type {ctype!r} is not supported: send application/json or multipart/form-data"
+        )
+    body = await request.body()
+    if not body:
+        raise InputError('the request body is empty: send a JSON object such as {"text": "a dog"}')
+    try:
+        return Query(KnnRequest.model_validate_json(body))
+    except ValidationError as e:
+        raise RequestValidationError(_errors(e), body=None) from None
+
+
+def _errors(e: ValidationError) -> list[dict[str, Any]]:
+    # drop the input echo and context objects: they may be large or not JSON-serialisable
+    out = []
+    for err in e.errors(include_url=False, include_input=False):
+        err = dict(err)
+        if "ctx" in err:
+            err["ctx"] = {k: str(v) for k, v in err["ctx"].items()}
+        out.append(err)
+    return out
+
+
+async def _parse_form(request: Request, max_image_bytes: int) -> Query:
+    try:
+        form = await request.form(max_files=1, max_fields=64, max_part_size=max_image_bytes + 1024)
+    except InputError:
+        raise
+    except Exception as e:  # malformed multipart bodies raise several types
+        if getattr(e, "status_code", None) == 413:
+            raise
+        raise InputError(f"the form could not be parsed: {getattr(e, 'detail', None) or e}") from None
+    data: dict[str, Any] = {}
+    image: bytes | None = None
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise InputError(f"unexpected file field {key!r}: the image file goes in 'image'")
+                image = await value.read(max_image_bytes + 1)
+                if len(image) > max_image_bytes:
+                    raise InputError(f"the image is over the {max_image_bytes} bytes limit")
+                continue
+            if value == "":
+                continue
+            if key in _FORM_LISTS:
+                data.setdefault(key, []).extend(c.strip() for c in value.split(",") if c.strip())
+            elif key in _FORM_JSON:
+                try:
+                    data[key] = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{key} must be a JSON array of numbers: {e}") from None
+            elif key in data:
+                raise InputError(f"field {key!r} is given twice")
+            else:
+                data[key] = value
+    finally:
+        await form.close()
+    if image is not None:
+        if "image" in data:
+            raise InputError("give the image either as a file or as base64, not both")
+        data["image"] = "file"  # placeholder so that the one-input rule counts the upload
+    try:
+        req = KnnRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(_errors(e), body=None) from None
+    if image is not None:
+        req = req.model_copy(update={"image": None})
+    return Query(req, image)
+
+
+@router.post(
+    "/knn",
+    response_model=KnnResponse,
+    summary="Search an index by text, image, image URL, embedding or id",
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/KnnRequest"}},
+                "multipart/form-data": {"schema": multipart_schema()},
+            },
+        }
+    },
+)
+async def knn(request: Request, state: State) -> dict[str, Any]:
+    query = await parse_knn(request, state.settings.max_image_bytes)
+    return await state.knn(query)

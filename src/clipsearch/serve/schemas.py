@@ -1,0 +1,177 @@
+"""Request and response models of the HTTP API (separate, so internal fields never leak)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+QUERY_INPUTS = ("text", "image", "image_url", "embedding", "id")
+
+# static bounds for the OpenAPI spec; the settings may tighten them per deployment
+MAX_K = 1000
+MAX_OFFSET = 10_000
+MAX_TEXT = 2000
+MAX_FILTER = 2000
+MAX_EMBEDDING_DIM = 4096
+MAX_IDS = 10_000
+MAX_COLUMNS = 64
+
+
+class KnnRequest(BaseModel):
+    """Exactly one query input (text, image, image_url, embedding or id), plus where and how to search."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "a red circle", "k": 10},
+                {"text": "a dog", "filter": 'caption contains "dog" and width >= 512', "deduplicate": True},
+            ]
+        },
+    )
+
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="search by text")
+    image: str | None = Field(
+        None, min_length=1, description="search by image: base64 bytes (a data: URL is accepted)"
+    )
+    image_url: str | None = Field(
+        None, min_length=1, max_length=4096, description="search by an image at this URL"
+    )
+    embedding: list[float] | None = Field(
+        None, min_length=1, max_length=MAX_EMBEDDING_DIM, description="search by a query vector"
+    )
+    id: int | None = Field(None, ge=0, description="more like this: search by the stored vector of this id")
+    index: str | None = Field(None, max_length=200, description="index name; optional when one is served")
+    modality: Literal["image", "text"] = Field("image", description="search the image or the text index")
+    k: int = Field(10, ge=1, le=MAX_K, description="results per page")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="skip this many results (load more)")
+    deduplicate: bool = Field(True, description="collapse near-duplicate images")
+    dedup_threshold: float | None = Field(None, gt=0.0, le=1.0, description="cosine similarity of duplicates")
+    safety: bool = Field(False, description="remove results the zero-shot safety filter flags")
+    safety_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    filter: str | None = Field(
+        None,
+        max_length=MAX_FILTER,
+        description='metadata filter, e.g. caption contains "dog" and width >= 512',
+    )
+    columns: list[str] | None = Field(
+        None, max_length=MAX_COLUMNS, description="extra metadata columns to return"
+    )
+    nprobe: int | None = Field(None, ge=1, le=65536, description="IVF lists to visit (default: index.json)")
+    efSearch: int | None = Field(None, ge=1, le=65536, description="HNSW search depth (default: index.json)")
+
+    @field_validator("embedding")
+    @classmethod
+    def _finite(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError("embedding values must be finite numbers")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> KnnRequest:
+        given = [name for name in QUERY_INPUTS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one query input among text, image, image_url, embedding, id"
+                + (f" (got {', '.join(given)})" if given else " (got none)")
+            )
+        return self
+
+
+class KnnResult(BaseModel):
+    """One hit: id, similarity, url, caption, then the requested metadata columns."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    similarity: float
+    url: str | None = None
+    caption: str | None = None
+
+
+class Removed(BaseModel):
+    duplicates: int = Field(0, description="near-duplicate images collapsed")
+    unsafe: int = Field(0, description="results the safety filter removed")
+
+
+class KnnResponse(BaseModel):
+    results: list[KnnResult]
+    index: str
+    modality: str
+    k: int
+    offset: int
+    next_offset: int | None = Field(None, description="offset of the next page; null when there is no more")
+    removed: Removed
+    plan: str = Field(description="how the search ran: ann, exact, exact-subset, ann+filter, ...")
+    filter_matches: int | None = Field(None, description="rows the filter allows")
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class ModalityInfo(BaseModel):
+    factory: str
+    count: int
+    mmap: bool
+    search_params: dict[str, Any]
+
+
+class IndexInfo(BaseModel):
+    name: str
+    model: str | None
+    dim: int
+    count: int
+    modalities: dict[str, ModalityInfo]
+    columns: dict[str, str]
+
+
+class IndicesResponse(BaseModel):
+    indices: list[IndexInfo]
+    default: str | None = Field(None, description="the index used when a request names none")
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[int] = Field(min_length=1, max_length=MAX_IDS)
+    index: str | None = Field(None, max_length=200)
+    columns: list[str] | None = Field(None, max_length=MAX_COLUMNS)
+
+
+class MetadataResponse(BaseModel):
+    rows: list[dict[str, Any]]
+    missing: list[int] = Field(default_factory=list, description="requested ids that do not exist")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    indices: list[str]
+    model: str
+
+
+class ErrorResponse(BaseModel):
+    detail: Any
+
+
+def multipart_schema() -> dict[str, Any]:
+    """OpenAPI schema of the multipart form of POST /knn: an `image` file plus the same fields as text."""
+    props: dict[str, Any] = {
+        "image": {"type": "string", "format": "binary", "description": "the query image file"},
+        "text": {"type": "string", "maxLength": MAX_TEXT},
+        "image_url": {"type": "string", "maxLength": 4096},
+        "embedding": {"type": "string", "description": "JSON array of floats"},
+        "id": {"type": "integer", "minimum": 0},
+        "index": {"type": "string", "maxLength": 200},
+        "modality": {"type": "string", "enum": ["image", "text"]},
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+        "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+        "deduplicate": {"type": "boolean"},
+        "dedup_threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "safety": {"type": "boolean"},
+        "safety_threshold": {"type": "number", "minimum": -1, "maximum": 1},
+        "filter": {"type": "string", "maxLength": MAX_FILTER},
+        "columns": {"type": "string", "description": "comma-separated column names"},
+        "nprobe": {"type": "integer", "minimum": 1, "maximum": 65536},
+        "efSearch": {"type": "integer", "minimum": 1, "maximum": 65536},
+    }
+    return {"type": "object", "properties": props}

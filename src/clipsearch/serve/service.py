@@ -1,0 +1,381 @@
+"""The serving state (opened indices, encoder, batcher, hygiene filters, metrics) and the /knn logic.
+
+Routes stay thin: they parse the request and call `ServeState.knn` / `.metadata`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as _dt
+import decimal
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from clipsearch.errors import ConfigError, InputError
+from clipsearch.serve.batching import TextBatcher
+from clipsearch.serve.dedup import near_duplicates
+from clipsearch.serve.fetch_image import decode_image, fetch_image_bytes
+from clipsearch.serve.metrics import Metrics
+from clipsearch.serve.safety import SafetyFilter
+from clipsearch.serve.schemas import KnnRequest
+from clipsearch.serve.search import IndexSearcher, SearchParams
+from clipsearch.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+BASE_COLUMNS = ("url", "caption")
+
+
+class NotFound(InputError):
+    """An unknown index name (HTTP 404)."""
+
+
+@dataclass
+class Query:
+    """A parsed /knn request: the model plus uploaded image bytes, if any."""
+
+    req: KnnRequest
+    image_bytes: bytes | None = None
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, bytes | bytearray):
+        return base64.b64encode(bytes(v)).decode("ascii")
+    if isinstance(v, _dt.datetime | _dt.date | _dt.time):
+        return v.isoformat()
+    if isinstance(v, _dt.timedelta):
+        return v.total_seconds()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def load_encoder(settings: ServeSettings, searchers: dict[str, IndexSearcher]) -> Any:
+    from clipsearch.embed.models import load_clip  # heavy import (torch) only when a model is needed
+
+    name = settings.clip_model
+    if name is None:
+        models = {s.model for s in searchers.values() if s.model}
+        if len(models) > 1:
+            raise ConfigError(
+                f"the indices were built with different models ({', '.join(sorted(models))})",
+                hint="--clip-model NAME_OR_PATH, or serve them separately",
+            )
+        name = models.pop() if models else "clipsearch-tiny"
+    logger.info("loading CLIP model %s on %s", name, settings.device)
+    return load_clip(name, device=settings.device)
+
+
+class ServeState:
+    """Everything one app serves. Build with `ServeState.open(settings, encoder)`."""
+
+    def __init__(self, settings: ServeSettings, searchers: dict[str, IndexSearcher], encoder: Any):
+        self.settings = settings
+        self.searchers = searchers
+        self.encoder = encoder
+        self.metrics = Metrics()
+        self.batcher = TextBatcher(
+            self._encode_texts,
+            max_batch=settings.batch_max_size,
+            max_wait_ms=settings.batch_wait_ms,
+            cache_size=settings.text_cache_size,
+            on_batch=self._on_batch,
+        )
+        self.safety = SafetyFilter(
+            encoder, settings.unsafe_prompts, settings.safe_prompts, settings.safety_threshold
+        )
+        self.model_name = str(getattr(encoder, "name", "unknown"))
+        for name, s in searchers.items():
+            for m, mi in s.indices.items():
+                self.metrics.vectors.labels(name, m).set(mi.ntotal)
+
+    @classmethod
+    def open(cls, settings: ServeSettings, encoder: Any = None) -> ServeState:
+        if not settings.indices:
+            raise ConfigError("no index to serve", hint="--index NAME=DIR (repeatable) or --config FILE")
+        searchers: dict[str, IndexSearcher] = {}
+        try:
+            for name, path in settings.indices.items():
+                searchers[name] = IndexSearcher(
+                    path,
+                    name=name,
+                    exact_max=settings.exact_max,
+                    filter_cache_size=settings.filter_cache_size,
+                    subset_cache_bytes=settings.subset_cache_bytes,
+                )
+            if encoder is None:
+                encoder = load_encoder(settings, searchers)
+            dim = int(encoder.dim)
+            for name, s in searchers.items():
+                if s.dim != dim:
+                    raise ConfigError(
+                        f"model {getattr(encoder, 'name', '?')} makes {dim}-d vectors but index {name!r} holds "
+                        f"{s.dim}-d vectors (built with {s.model})",
+                        hint="--clip-model with the model the index was built with",
+                    )
+        except BaseException:
+            for s in searchers.values():
+                s.close()
+            raise
+        if settings.encoder_threads:
+            _set_torch_threads(settings.encoder_threads)
+        return cls(settings, searchers, encoder)
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        for s in self.searchers.values():
+            s.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder.encode_text(texts), dtype=np.float32)
+
+    def _on_batch(self, n: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(n)
+
+    @property
+    def default_index(self) -> str | None:
+        return next(iter(self.searchers)) if len(self.searchers) == 1 else None
+
+    def searcher(self, name: str | None) -> IndexSearcher:
+        if name is None:
+            if len(self.searchers) == 1:
+                return next(iter(self.searchers.values()))
+            raise InputError(
+                "several indices are served: name one in 'index'", hint="index: " + ", ".join(self.searchers)
+            )
+        s = self.searchers.get(name)
+        if s is None:
+            raise NotFound(f"no index named {name!r}", hint="index: " + ", ".join(self.searchers))
+        return s
+
+    def _check_columns(self, s: IndexSearcher, columns: list[str] | None) -> list[str]:
+        cols = list(dict.fromkeys(columns or []))
+        bad = [c for c in cols if not s.metadata.has_column(c)]
+        if bad:
+            raise InputError(
+                f"unknown column(s) {', '.join(map(repr, bad))}",
+                hint="columns: " + ", ".join(s.metadata.columns),
+            )
+        return cols
+
+    async def _encode_image(self, data: bytes, timings: dict[str, float]) -> np.ndarray:
+        if len(data) > self.settings.max_image_bytes:
+            raise InputError(
+                f"the image is {len(data)} bytes, over the {self.settings.max_image_bytes} limit"
+            )
+        t = time.perf_counter()
+        img = await run_in_threadpool(decode_image, data, self.settings.max_image_pixels)
+        timings["decode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        vec = await loop.run_in_executor(self.batcher._executor, self.encoder.encode_images, [img])
+        timings["encode"] = time.perf_counter() - t
+        return np.asarray(vec, dtype=np.float32)[0]
+
+    async def query_vector(self, q: Query, s: IndexSearcher, timings: dict[str, float]) -> np.ndarray:
+        req = q.req
+        if req.text is not None:
+            if len(req.text) > self.settings.max_text_chars:
+                raise InputError(f"text is longer than {self.settings.max_text_chars} characters")
+            vec, secs = await self.batcher.encode(req.text)
+            timings["encode"] = secs
+            return vec
+        if q.image_bytes is not None:
+            return await self._encode_image(q.image_bytes, timings)
+        if req.image is not None:
+            raw = req.image
+            if raw.startswith("data:"):
+                raw = raw.partition(",")[2]
+            if len(raw) > (self.settings.max_image_bytes * 4) // 3 + 8:
+                raise InputError(f"the image is over the {self.settings.max_image_bytes} bytes limit")
+            try:
+                data = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise InputError(f"image is not valid base64: {e}") from e
+            return await self._encode_image(data, timings)
+        if req.image_url is not None:
+            t = time.perf_counter()
+            data = await fetch_image_bytes(
+                req.image_url,
+                allow_hosts=self.settings.allow_url_hosts,
+                timeout_s=self.settings.url_timeout_s,
+                max_bytes=self.settings.max_image_bytes,
+                max_redirects=self.settings.url_max_redirects,
+            )
+            timings["fetch"] = time.perf_counter() - t
+            return await self._encode_image(data, timings)
+        if req.embedding is not None:
+            v = np.asarray(req.embedding, dtype=np.float32)
+            if v.shape[0] != s.dim:
+                raise InputError(f"embedding has {v.shape[0]} values, index {s.name!r} expects {s.dim}")
+            norm = float(np.linalg.norm(v))
+            if not math.isfinite(norm) or norm == 0.0:
+                raise InputError("embedding must be a non-zero vector of finite numbers")
+            return v / norm
+        if req.id is not None:
+            if req.id >= s.count:
+                raise InputError(f"id {req.id} does not exist in index {s.name!r} ({s.count} rows)")
+            source = "image" if "image" in s.indices else req.modality
+            return (await run_in_threadpool(s.vectors, [req.id], source))[0]
+        raise InputError("no query input")  # pragma: no cover - the model validator forbids it
+
+    # ------------------------------------------------------------------ /knn
+    async def knn(self, q: Query) -> dict[str, Any]:
+        req = q.req
+        t_all = time.perf_counter()
+        s = self.searcher(req.index)
+        mi = s.modality(req.modality)
+        cols = self._check_columns(s, req.columns)
+        if req.k > self.settings.max_k:
+            raise InputError(f"k is larger than {self.settings.max_k}")
+        if req.offset > self.settings.max_offset:
+            raise InputError(f"offset is larger than {self.settings.max_offset}")
+        if req.filter is not None and len(req.filter) > self.settings.max_filter_chars:
+            raise InputError(f"filter is longer than {self.settings.max_filter_chars} characters")
+        timings: dict[str, float] = {}
+        vec = await self.query_vector(q, s, timings)
+        params = SearchParams(nprobe=req.nprobe, efSearch=req.efSearch)
+        out = await run_in_threadpool(self._search_page, s, mi.modality, vec, req, params, cols, timings)
+        self.metrics.observe_steps(timings)
+        self.metrics.plans.labels(out["plan"]).inc()
+        out["timings_ms"] = {k: round(v * 1000.0, 3) for k, v in timings.items()}
+        out["timings_ms"]["total"] = round((time.perf_counter() - t_all) * 1000.0, 3)
+        return out
+
+    def _search_page(
+        self,
+        s: IndexSearcher,
+        modality: str,
+        vec: np.ndarray,
+        req: KnnRequest,
+        params: SearchParams,
+        cols: list[str],
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        want = req.offset + req.k
+        hygiene = req.deduplicate or req.safety
+        n_fetch = want if not hygiene else int(math.ceil(want * self.settings.overfetch)) + 8
+        cap = max(want, min(s.count, int(math.ceil(want * self.settings.overfetch * 8)) + 64))
+        q = vec.reshape(1, -1)
+        while True:
+            n_fetch = min(n_fetch, s.count) if s.count else n_fetch
+            res = s.search(q, max(1, n_fetch), modality=modality, filter=req.filter, params=params)
+            for key in ("search", "filter"):
+                if key in res.timings:
+                    timings[key] = timings.get(key, 0.0) + res.timings[key]
+            ids = res.ids[0]
+            sims = res.distances[0]
+            ok = ids >= 0
+            ids, sims = ids[ok], sims[ok]
+            exhausted = len(ids) < n_fetch
+            keep = np.ones(len(ids), dtype=bool)
+            unsafe_mask = np.zeros(len(ids), dtype=bool)
+            dup_mask = np.zeros(len(ids), dtype=bool)
+            if hygiene and len(ids):
+                t = time.perf_counter()
+                source = "image" if "image" in s.indices else modality
+                vecs = s.vectors(ids, source)
+                if req.safety:
+                    unsafe_mask = self.safety.unsafe(vecs, req.safety_threshold)
+                    keep &= ~unsafe_mask
+                if req.deduplicate:
+                    thr = req.dedup_threshold or self.settings.dedup_threshold
+                    idx_keep = np.flatnonzero(keep)
+                    dup_mask[idx_keep[near_duplicates(vecs[idx_keep], thr)]] = True
+                    keep &= ~dup_mask
+                timings["hygiene"] = timings.get("hygiene", 0.0) + time.perf_counter() - t
+            kept_ids, kept_sims = ids[keep], sims[keep]
+            if len(kept_ids) >= want or exhausted or n_fetch >= cap:
+                break
+            n_fetch = min(cap, n_fetch * 2)
+        page_ids = kept_ids[req.offset : want]
+        page_sims = kept_sims[req.offset : want]
+        more = len(kept_ids) > want or (not exhausted and len(kept_ids) >= want)
+        # what was removed between the previous page's last result and this page's last result
+        kept_pos = np.flatnonzero(keep)
+        lo = (
+            int(kept_pos[req.offset - 1]) + 1
+            if 0 < req.offset <= len(kept_pos)
+            else (0 if req.offset == 0 else len(ids))
+        )
+        hi = int(kept_pos[want - 1]) + 1 if len(kept_pos) >= want else len(ids)
+        removed = {"duplicates": int(dup_mask[lo:hi].sum()), "unsafe": int(unsafe_mask[lo:hi].sum())}
+        for reason, n in (("duplicate", removed["duplicates"]), ("unsafe", removed["unsafe"])):
+            if n:
+                self.metrics.removed.labels(reason).inc(n)
+        t = time.perf_counter()
+        rows = s.rows(
+            page_ids, list(dict.fromkeys([c for c in BASE_COLUMNS if s.metadata.has_column(c)] + cols))
+        )
+        timings["metadata"] = time.perf_counter() - t
+        results = []
+        for i, sim, row in zip(page_ids.tolist(), page_sims.tolist(), rows, strict=True):
+            item: dict[str, Any] = {"id": int(i), "similarity": float(sim) if math.isfinite(sim) else 0.0}
+            item["url"] = _str_or_none(row.get("url"))
+            item["caption"] = _str_or_none(row.get("caption"))
+            for c in cols:
+                if c not in ("id", "similarity", "url", "caption"):
+                    item[c] = _jsonable(row.get(c))
+            results.append(item)
+        return {
+            "results": results,
+            "index": s.name,
+            "modality": modality,
+            "k": req.k,
+            "offset": req.offset,
+            "next_offset": want if more else None,
+            "removed": removed,
+            "plan": res.plan,
+            "filter_matches": res.allowed,
+        }
+
+    # ------------------------------------------------------------------ /metadata
+    def metadata(self, index: str | None, ids: list[int], columns: list[str] | None) -> dict[str, Any]:
+        s = self.searcher(index)
+        if len(ids) > self.settings.max_ids:
+            raise InputError(f"at most {self.settings.max_ids} ids per request")
+        cols = self._check_columns(s, columns) if columns else list(s.metadata.columns)
+        ok, bad = s.metadata.valid_ids(ids)
+        t = time.perf_counter()
+        rows = s.rows(ok, cols)
+        self.metrics.step.labels("metadata").observe(time.perf_counter() - t)
+        out = []
+        for i, row in zip(ok, rows, strict=True):
+            item = {c: _jsonable(v) for c, v in row.items()}
+            item["id"] = i
+            out.append(item)
+        return {"rows": out, "missing": bad}
+
+
+def _str_or_none(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v if isinstance(v, str) else str(_jsonable(v))
+
+
+def _set_torch_threads(n: int) -> None:
+    try:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(int(n))
+    except Exception:  # pragma: no cover - best effort
+        logger.debug("could not set torch threads")

@@ -1,0 +1,251 @@
+"""Serving settings: one frozen dataclass for the CLI, the pipeline, tests and the environment.
+
+`ServeSettings` (alias `ServeConfig`) is the only configuration in clipsearch that may read environment
+variables: `ServeSettings.from_env()` reads `CLIPSEARCH_SERVE_*` variables (and the whole settings as JSON
+from `CLIPSEARCH_SERVE_SETTINGS`, which is how `--workers N` hands them to each uvicorn worker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clipsearch.errors import ConfigError
+
+DEFAULT_UNSAFE_PROMPTS: tuple[str, ...] = (
+    "a photo of a naked person",
+    "nudity",
+    "pornography",
+    "sexual content",
+    "a photo of graphic violence",
+    "blood and gore",
+    "a dead body",
+)
+DEFAULT_SAFE_PROMPTS: tuple[str, ...] = (
+    "a photo",
+    "a picture of an object",
+    "a photo of a person wearing clothes",
+    "a landscape",
+    "an animal",
+    "a drawing",
+)
+
+ENV_PREFIX = "CLIPSEARCH_SERVE_"
+ENV_SETTINGS_JSON = "CLIPSEARCH_SERVE_SETTINGS"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `serve` needs. `indices` maps a name to an index folder (local or fsspec URL)."""
+
+    indices: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    #: model name or path; None = the `model` recorded in each index.json
+    clip_model: str | None = None
+    device: str = "cpu"
+    # request limits
+    default_k: int = 10
+    max_k: int = 1000
+    max_offset: int = 10_000
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 2000
+    max_filter_chars: int = 2000
+    max_ids: int = 10_000
+    # image_url fetching
+    allow_url_hosts: tuple[str, ...] = ()
+    url_timeout_s: float = 5.0
+    url_max_redirects: int = 3
+    # search planning
+    exact_max: int = 50_000  # a filter allowing at most this many ids is searched exactly
+    filter_cache_size: int = 64
+    subset_cache_bytes: int = 256 * 1024 * 1024
+    overfetch: float = 2.0  # extra candidates fetched when deduplicate / safety may remove results
+    # result hygiene
+    dedup_threshold: float = 0.95
+    safety_threshold: float = 0.0  # margin of the best unsafe prompt over the best safe one
+    unsafe_prompts: tuple[str, ...] = DEFAULT_UNSAFE_PROMPTS
+    safe_prompts: tuple[str, ...] = DEFAULT_SAFE_PROMPTS
+    # micro-batching of text encoding
+    batch_max_size: int = 64
+    batch_wait_ms: float = 0.0
+    text_cache_size: int = 4096
+    encoder_threads: int = 1
+    #: serve the web page at /
+    web: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "indices", dict(self.indices))
+        object.__setattr__(self, "allow_url_hosts", tuple(h.lower() for h in self.allow_url_hosts))
+        object.__setattr__(self, "unsafe_prompts", tuple(self.unsafe_prompts))
+        object.__setattr__(self, "safe_prompts", tuple(self.safe_prompts))
+        for name in self.indices:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ConfigError(
+                    f"index name {name!r} is not valid: use letters, digits, '-', '_' or '.'",
+                    hint="--index NAME=DIR",
+                )
+        for name, path in self.indices.items():
+            if not path:
+                raise ConfigError(f"index {name!r} has an empty path", hint="--index NAME=DIR")
+        if not (0 <= self.port <= 65535):
+            raise ConfigError(f"port {self.port} is out of range", hint="--port 0..65535")
+        if self.workers < 1:
+            raise ConfigError("workers must be >= 1", hint="--workers 1")
+        positive = (
+            "default_k",
+            "max_k",
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_text_chars",
+            "max_filter_chars",
+            "max_ids",
+            "batch_max_size",
+            "filter_cache_size",
+            "text_cache_size",
+            "encoder_threads",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_k > self.max_k:
+            raise ConfigError(f"default_k {self.default_k} is larger than max_k {self.max_k}")
+        if self.url_timeout_s <= 0:
+            raise ConfigError("url_timeout_s must be > 0")
+        if not (0.0 < self.dedup_threshold <= 1.0):
+            raise ConfigError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
+        if not (-1.0 <= self.safety_threshold <= 1.0):
+            raise ConfigError(f"safety_threshold must be in [-1, 1], got {self.safety_threshold}")
+        if self.overfetch < 1.0:
+            raise ConfigError(f"overfetch must be >= 1, got {self.overfetch}")
+        if not self.unsafe_prompts:
+            raise ConfigError("unsafe_prompts must not be empty")
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServeSettings:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown serve setting(s): {', '.join(unknown)}",
+                hint="known settings: " + ", ".join(sorted(known)),
+            )
+        kwargs = dict(data)
+        for key in ("allow_url_hosts", "unsafe_prompts", "safe_prompts"):
+            if key in kwargs and isinstance(kwargs[key], str):
+                kwargs[key] = tuple(s.strip() for s in kwargs[key].split(",") if s.strip())
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # pragma: no cover - defensive
+            raise ConfigError(f"bad serve settings: {e}") from e
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> ServeSettings:
+        """Read a JSON or YAML settings file; `overrides` (non-None values) win over the file."""
+        from clipsearch import storage
+
+        if not storage.exists(path):
+            raise ConfigError(f"config file {path} does not exist", hint="--config FILE.json|yaml")
+        fs, p = storage.get_fs(path)
+        with fs.open(p, "rb") as f:
+            raw = f.read().decode()
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(raw) or {}
+            else:
+                data = json.loads(raw)
+        except Exception as e:
+            raise ConfigError(f"config file {path} is not valid JSON/YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        merged = dict(data)
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k == "indices":
+                merged["indices"] = {**dict(merged.get("indices") or {}), **v}
+            else:
+                merged[k] = v
+        return cls.from_dict(merged)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
+        """Settings from the environment: CLIPSEARCH_SERVE_SETTINGS (JSON), then CLIPSEARCH_SERVE_<FIELD>.
+
+        `CLIPSEARCH_SERVE_INDICES` is `name=path,name2=path2`.
+        """
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        if env.get(ENV_SETTINGS_JSON):
+            try:
+                data.update(json.loads(env[ENV_SETTINGS_JSON]))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{ENV_SETTINGS_JSON} is not valid JSON: {e}") from e
+        for f in dataclasses.fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key not in env or key == ENV_SETTINGS_JSON:
+                continue
+            raw = env[key]
+            if f.name == "indices":
+                data["indices"] = parse_index_specs(raw.split(","))
+            elif f.type in ("int",):
+                data[f.name] = _num(key, raw, int)
+            elif f.type in ("float",):
+                data[f.name] = _num(key, raw, float)
+            elif f.type == "bool":
+                data[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                data[f.name] = raw
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> ServeSettings:
+        return dataclasses.replace(self, **changes)
+
+
+#: the name the pipeline and demo use: `serve(ServeConfig(indices={"name": path}, host=..., port=...))`
+ServeConfig = ServeSettings
+
+
+def _num(key: str, raw: str, typ: type) -> Any:
+    try:
+        return typ(raw)
+    except ValueError as e:
+        raise ConfigError(f"{key}={raw!r} is not a valid {typ.__name__}") from e
+
+
+def parse_index_specs(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`["name=dir", "dir2"]` -> `{"name": "dir", "<basename of dir2>": "dir2"}`."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name or ":" in name:
+            path = spec
+            name = spec.rstrip("/").rsplit("/", 1)[-1] or "index"
+            if name == "index":  # a pipeline's OUT/index: name it after OUT
+                parent = spec.rstrip("/").rsplit("/", 2)
+                name = parent[-2] if len(parent) >= 2 and parent[-2] else "index"
+        name, path = name.strip(), path.strip()
+        if name in out:
+            raise ConfigError(
+                f"index name {name!r} is given twice", hint="--index NAME=DIR with distinct names"
+            )
+        out[name] = path
+    return out

@@ -55,9 +55,11 @@ def get_session(master: str) -> tuple[Any, bool]:
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
-    # executors must run the same interpreter (and so the same installed clipsearch) as the driver
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if master.startswith("local"):
+        # local executors must run this interpreter (and so this installed clipsearch); on a cluster the
+        # packed environment shipped with --archives sets PYSPARK_PYTHON instead (docs/spark.md)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = (
         SparkSession.builder.master(master)
         .appName("clipsearch")

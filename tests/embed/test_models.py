@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.embed.models import (
+    DEFAULT_MODEL,
+    ClipEncoder,
+    load_clip,
+    make_preprocessor,
+    resolve_model,
+    tiny_model_path,
+)
+from clipsearch.errors import ConfigError, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_clip: str) -> ClipEncoder:
+    return load_clip(tiny_clip)
+
+
+def _img(seed: int, size: tuple[int, int] = (61, 47)) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_resolve_default_alias() -> None:
+    assert resolve_model(DEFAULT_MODEL) == str(tiny_model_path())
+    assert tiny_model_path().parts[-2:] == ("demo", "tiny_clip")
+    assert resolve_model("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
+    assert resolve_model("open_clip:ViT-B-32/openai") == "open_clip:ViT-B-32/openai"
+
+
+def test_encode_text_and_images(enc: ClipEncoder, tiny_clip: str) -> None:
+    assert enc.name == tiny_clip and enc.dim == 16
+    t = enc.encode_text(["the cat", "a dog is here", ""])
+    assert t.shape == (3, 16) and t.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-5)
+    ims = [_img(0), _img(1, (20, 90)).convert("L"), _img(2).convert("RGBA")]
+    v = enc.encode_images(ims)
+    assert v.shape == (3, 16) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(enc.encode_pixels(enc.preprocess(ims)), v, atol=1e-6)
+    assert enc.encode_text([]).shape == (0, 16) and enc.encode_images([]).shape == (0, 16)
+
+
+def test_padding_to_longest_matches_single(enc: ClipEncoder) -> None:
+    """Batched texts pad to the longest one; each row equals the text encoded alone."""
+    texts = ["a", "the cat sat on the mat with a very long caption indeed"]
+    batch = enc.encode_text(texts)
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(batch[i], enc.encode_text([t])[0], atol=1e-5)
+
+
+def test_preprocessor_matches_transformers(tiny_clip: str) -> None:
+    from transformers import AutoImageProcessor
+
+    hf = AutoImageProcessor.from_pretrained(tiny_clip)
+    ours = make_preprocessor(tiny_clip)
+    pickle.loads(pickle.dumps(ours))  # workers get it by pickle
+    ims = [_img(3), _img(4, (33, 70)), _img(5, (32, 32))]
+    a = hf(images=ims, return_tensors="pt")["pixel_values"].numpy()
+    b = ours(ims).numpy()
+    assert a.shape == b.shape == (3, 3, 32, 32)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_uint8_path_equals_float_path(enc: ClipEncoder) -> None:
+    import torch
+
+    ims = [_img(6), _img(7)]
+    raw = torch.from_numpy(np.stack([enc.preprocessor.to_array(i) for i in ims]))
+    np.testing.assert_allclose(enc.encode_pixels(raw.permute(0, 3, 1, 2)), enc.encode_images(ims), atol=1e-5)
+
+
+def test_siglip(tiny_siglip: str) -> None:
+    enc = load_clip(tiny_siglip)
+    assert enc.model_type == "siglip" and enc.dim == 32
+    assert enc.preprocessor.mode == "fixed" and enc.preprocessor.crop is None
+    t = enc.encode_text(["the cat", "blue sky over the sea"])
+    v = enc.encode_images([_img(8), _img(9)])
+    assert t.shape == v.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_clip: str, enc: ClipEncoder) -> None:
+    bf = load_clip(tiny_clip, precision="bf16")
+    assert bf.precision == "bf16"
+    ims = [_img(10), _img(11)]
+    assert (bf.encode_images(ims) * enc.encode_images(ims)).sum(1).min() > 0.98
+
+
+def test_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_clip("./no/such/model")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        load_clip("someone/not-cached-clip")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
+    with pytest.raises(ModelLoadError, match="not a CLIP model"):
+        load_clip(str(tmp_path / "bert"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_clip(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError):
+        load_clip("clipsearch-tiny", precision="fp8")
+
+
+def test_open_clip_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import fails like an absent extra
+    with pytest.raises(ModelLoadError, match="open_clip extra"):
+        load_clip("open_clip:ViT-B-32/openai")
+
+
+def test_single_query_is_fast(enc: ClipEncoder) -> None:
+    import time
+
+    enc.encode_text(["warm up"])
+    t0 = time.perf_counter()
+    for _ in range(50):
+        enc.encode_text(["a photo of a cat"])
+    assert 50 / (time.perf_counter() - t0) > 50  # hundreds/s on an idle machine; loose for a loaded one

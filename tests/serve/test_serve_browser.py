@@ -1,0 +1,124 @@
+"""The web page end to end in headless Chromium (Debian's chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from clipsearch.serve import ServeConfig, create_app
+
+from .conftest import LiveServer, png_bytes
+from .helpers import RGB
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOTS = os.environ.get("CLIPSEARCH_SCREENSHOTS")  # a folder to keep the screenshots in
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (the Makefile installs it for CI)")
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="clipsearch-chromium-")
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=ARGS, viewport={"width": 1280, "height": 860}
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def _shot(page, name: str, tmp_path) -> None:
+    folder = SHOTS or str(tmp_path)
+    os.makedirs(folder, exist_ok=True)
+    page.screenshot(path=os.path.join(folder, name), full_page=False)
+
+
+def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
+    app = create_app(ServeConfig(indices={"shapes": index_dir, "big": ivf_dir}), encoder=encoder)
+    with LiveServer(app) as srv:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        page.wait_for_function("document.querySelectorAll('#index option').length === 2")
+        page.select_option("#index", "shapes")
+
+        # text search
+        page.fill("#q", "a red circle")
+        page.press("#q", "Enter")
+        page.wait_for_selector(".card")
+        cards = page.locator(".card")
+        assert cards.count() == 24
+        assert "red" in cards.first.locator(".caption").inner_text()
+        page.wait_for_function("Array.from(document.images).filter(i => i.closest('.card')).slice(0, 8).every(i => i.complete)")
+        _shot(page, "desktop.png", tmp_path)
+
+        # load more appends a page
+        page.click("#more")
+        page.wait_for_function("document.querySelectorAll('.card').length === 48")
+        ids = page.eval_on_selector_all(".card", "els => els.map(e => e.dataset.id)")
+        assert len(set(ids)) == 48
+
+        # filter: caption contains + min width, applied inside the search
+        page.click("#filter-btn")
+        page.fill("#f-caption", "dog")
+        page.fill("#f-width", "512")
+        page.press("#f-width", "Enter")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('match the filter')")
+        caps = page.eval_on_selector_all(".card .caption", "els => els.map(e => e.textContent)")
+        assert caps and all("dog" in c for c in caps)
+
+        # more like this on the first result
+        page.click("#f-clear")
+        page.wait_for_function("!document.querySelector('#status').textContent.includes('match the filter')")
+        first_id = page.locator(".card").first.get_attribute("data-id")
+        page.locator(".card .like").first.click()
+        page.wait_for_function("document.querySelector('#query-label').textContent.startsWith('like #')")
+        page.wait_for_function(f"document.querySelector('.card') && document.querySelector('.card').dataset.id === '{first_id}'")
+
+        # search by image upload: a blue picture finds blue things
+        img = tmp_path / "blue.png"
+        img.write_bytes(png_bytes(RGB["blue"]))
+        page.set_input_files("#file", str(img))
+        page.wait_for_function("document.querySelector('#query-label').textContent.startsWith('image:')")
+        page.wait_for_function("document.querySelector('.card .caption') && document.querySelector('.card .caption').textContent.includes('blue')")
+
+        # a bad filter shows the server's message, not a crash
+        page.click("#filter-btn") if page.locator("#filter-row").is_hidden() else None
+        page.fill("#f-expr", "nosuchcolumn == 3")
+        page.press("#f-expr", "Enter")
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+        assert "unknown column" in page.inner_text("#status")
+        page.fill("#f-expr", "")
+
+        # phone width
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.fill("#q", "a green tree")
+        page.press("#q", "Enter")
+        page.wait_for_function("document.querySelector('.card .caption') && document.querySelector('.card .caption').textContent.includes('green')")
+        page.wait_for_function("Array.from(document.images).filter(i => i.closest('.card')).slice(0, 4).every(i => i.complete)")
+        _shot(page, "phone.png", tmp_path)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, "the page scrolls sideways on a phone"
+        assert not errors, errors
+        page.close()

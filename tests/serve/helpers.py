@@ -46,7 +46,11 @@ class FakeEncoder:
         self.calls.append(len(texts))
         out = []
         for t in texts:
-            words = [w for w in t.lower().replace(",", " ").split() if w not in ("a", "an", "the", "of", "on", "photo")]
+            words = [
+                w
+                for w in t.lower().replace(",", " ").split()
+                if w not in ("a", "an", "the", "of", "on", "photo")
+            ]
             v = sum((self.word(w) for w in words), np.zeros(self.dim, np.float32)) if words else self.word("")
             out.append(v)
         return _unit(np.stack(out)) if out else np.zeros((0, self.dim), np.float32)

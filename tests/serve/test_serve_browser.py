@@ -38,7 +38,11 @@ def browser():
     profile = tempfile.mkdtemp(prefix="clipsearch-chromium-")
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=ARGS, viewport={"width": 1280, "height": 860}
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=ARGS,
+            viewport={"width": 1280, "height": 860},
         )
         try:
             yield ctx
@@ -70,7 +74,9 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
         cards = page.locator(".card")
         assert cards.count() == 24
         assert "red" in cards.first.locator(".caption").inner_text()
-        page.wait_for_function("Array.from(document.images).filter(i => i.closest('.card')).slice(0, 8).every(i => i.complete)")
+        page.wait_for_function(
+            "Array.from(document.images).filter(i => i.closest('.card')).slice(0, 8).every(i => i.complete)"
+        )
         _shot(page, "desktop.png", tmp_path)
 
         # load more appends a page
@@ -94,14 +100,18 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
         first_id = page.locator(".card").first.get_attribute("data-id")
         page.locator(".card .like").first.click()
         page.wait_for_function("document.querySelector('#query-label').textContent.startsWith('like #')")
-        page.wait_for_function(f"document.querySelector('.card') && document.querySelector('.card').dataset.id === '{first_id}'")
+        page.wait_for_function(
+            f"document.querySelector('.card') && document.querySelector('.card').dataset.id === '{first_id}'"
+        )
 
         # search by image upload: a blue picture finds blue things
         img = tmp_path / "blue.png"
         img.write_bytes(png_bytes(RGB["blue"]))
         page.set_input_files("#file", str(img))
         page.wait_for_function("document.querySelector('#query-label').textContent.startsWith('image:')")
-        page.wait_for_function("document.querySelector('.card .caption') && document.querySelector('.card .caption').textContent.includes('blue')")
+        page.wait_for_function(
+            "document.querySelector('.card .caption') && document.querySelector('.card .caption').textContent.includes('blue')"
+        )
 
         # a bad filter shows the server's message, not a crash
         page.click("#filter-btn") if page.locator("#filter-row").is_hidden() else None
@@ -115,8 +125,12 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
         page.set_viewport_size({"width": 390, "height": 844})
         page.fill("#q", "a green tree")
         page.press("#q", "Enter")
-        page.wait_for_function("document.querySelector('.card .caption') && document.querySelector('.card .caption').textContent.includes('green')")
-        page.wait_for_function("Array.from(document.images).filter(i => i.closest('.card')).slice(0, 4).every(i => i.complete)")
+        page.wait_for_function(
+            "document.querySelector('.card .caption') && document.querySelector('.card .caption').textContent.includes('green')"
+        )
+        page.wait_for_function(
+            "Array.from(document.images).filter(i => i.closest('.card')).slice(0, 4).every(i => i.complete)"
+        )
         _shot(page, "phone.png", tmp_path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, "the page scrolls sideways on a phone"

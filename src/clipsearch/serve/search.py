@@ -40,6 +40,8 @@ from clipsearch.serve.metadata import MetadataTable
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
+MMAP_AUTO_BYTES = 1 << 30  # memory-map index files larger than this even when index.json does not ask
+RERANK_FACTOR = 4  # candidates per wanted result when re-ranking quantized results with stored vectors
 
 
 @dataclass(frozen=True)
@@ -138,24 +140,40 @@ def _inner(index: Any) -> Any:
 class ModalityIndex:
     """One faiss index of an index folder (image or text) plus how to get its vectors back."""
 
-    def __init__(self, folder: str, modality: str, info: dict[str, Any], dim: int):
+    def __init__(self, folder: str, modality: str, info: dict[str, Any], dim: int, mmap: str = "auto"):
         self.modality = modality
         self.info = info
         fname = info.get("file") or f"{modality}.index"
         self.path = os.path.join(folder, fname)
         if not os.path.exists(self.path):
             raise InputError(f"{folder}: index.json names {fname} but the file is missing")
-        self.mmap = bool(info.get("mmap", False))
-        flags = 0
-        if self.mmap:
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR
-        elif os.path.exists(os.path.join(folder, f"{os.path.splitext(fname)[0]}.ivfdata")):
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
-        try:
-            self.index = faiss.read_index(self.path, flags) if flags else faiss.read_index(self.path)
-        except RuntimeError as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-            raise InputError(f"{self.path} is not a readable faiss index: {msg}") from e
+        ondisk = os.path.exists(os.path.join(folder, f"{os.path.splitext(fname)[0]}.ivfdata"))
+        size = os.path.getsize(self.path)
+        self.mmap = (
+            ondisk
+            or mmap == "always"
+            or (mmap == "auto" and (bool(info.get("mmap")) or size > MMAP_AUTO_BYTES))
+        )
+        if mmap == "never" and not ondisk:
+            self.mmap = False
+        # on-disk inverted lists (.ivfdata) map their own file; IO_FLAG_MMAP on top of them crashes faiss.
+        # Other indices map their codes with IO_FLAG_MMAP_IFC (flat codes and in-file IVF lists).
+        if ondisk:
+            attempts = [faiss.IO_FLAG_ONDISK_SAME_DIR]
+        elif self.mmap:
+            attempts = [faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP, 0]
+        else:
+            attempts = [0]
+        err: RuntimeError | None = None
+        for flags in attempts:
+            try:
+                self.index = faiss.read_index(self.path, flags)
+                break
+            except RuntimeError as e:
+                err = e
+        else:
+            msg = str(err).strip().splitlines()[-1] if err and str(err).strip() else repr(err)
+            raise InputError(f"{self.path} is not a readable faiss index: {msg}") from err
         if self.index.d != dim:
             raise InputError(f"{self.path} has dimension {self.index.d} but index.json says {dim}")
         self.ntotal = int(self.index.ntotal)
@@ -175,6 +193,17 @@ class ModalityIndex:
             self.vectors = v
         self._direct_map_lock = threading.Lock()
         self._direct_map_ready = not self.is_ivf
+
+    @property
+    def exact_distances(self) -> bool:
+        """True when the index's own search returns exact inner products (no quantization)."""
+        idx = faiss.downcast_index(self.index)
+        return (
+            self.is_flat
+            or isinstance(idx, faiss.IndexRefine)
+            or isinstance(self.inner, faiss.IndexHNSWFlat)
+            or (isinstance(self.inner, faiss.IndexIVFFlat) and not isinstance(idx, faiss.IndexPreTransform))
+        )
 
     @property
     def exact_vectors(self) -> bool:
@@ -240,6 +269,7 @@ class IndexSearcher:
         filter_cache_size: int = 64,
         subset_cache_bytes: int = 256 * 1024 * 1024,
         cache_dir: str | None = None,
+        mmap: str = "auto",
     ):
         self.uri = path
         self.name = name or os.path.basename(path.rstrip("/")) or "index"
@@ -278,7 +308,7 @@ class IndexSearcher:
             if modality not in MODALITIES or not isinstance(entry, dict):
                 logger.warning("%s: ignoring unknown index entry %r", info_path, modality)
                 continue
-            mi = ModalityIndex(folder, modality, entry, self.dim)
+            mi = ModalityIndex(folder, modality, entry, self.dim, mmap)
             if mi.ntotal != self.metadata.num_rows:
                 raise InputError(
                     f"{mi.path} holds {mi.ntotal} vectors but metadata.arrow has {self.metadata.num_rows} rows"
@@ -394,13 +424,18 @@ class IndexSearcher:
         )
         if mi.is_ivf and wp.nprobe is None:
             wp = SearchParams(int(math.ceil(int(mi.inner.nprobe) * widen)), wp.efSearch, wp.k_factor)
-        dist, ids_ = mi.search(q, k, wp, bm.selector())
-        short = np.flatnonzero((ids_ < 0).any(axis=1)) if k <= bm.count else np.array([], dtype=np.int64)
+        rerank = mi.vectors is not None and not mi.exact_distances
+        kk = k * RERANK_FACTOR if rerank else k
+        dist, ids_ = mi.search(q, kk, wp, bm.selector())
         plan = "ann+filter"
+        if rerank:  # quantized codes rank roughly: re-rank the candidates with the stored vectors
+            dist, ids_ = _rerank(mi, q, dist, ids_, k)
+            plan = "ann+filter+rerank"
+        short = np.flatnonzero((ids_ < 0).any(axis=1)) if k <= bm.count else np.array([], dtype=np.int64)
         if len(short):
             dist2, ids2 = self._exact_subset(mi, q[short], k, bm)
             dist[short], ids_[short] = dist2, ids2
-            plan = "ann+filter+exact-fallback"
+            plan += "+exact-fallback"
         return SearchResult(dist, ids_, plan, bm.count)
 
     def _subset_vectors(self, mi: ModalityIndex, bm: FilterBitmap) -> np.ndarray:
@@ -463,6 +498,20 @@ def exact_topk(vecs: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tupl
         dist[s : s + step, :kk] = np.take_along_axis(top, order, axis=1)
         out_ids[s : s + step, :kk] = ids[np.take_along_axis(part, order, axis=1)]
     return dist, out_ids
+
+
+def _rerank(
+    mi: ModalityIndex, q: np.ndarray, dist: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    out_d = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+    out_i = np.full((q.shape[0], k), -1, dtype=np.int64)
+    for r in range(q.shape[0]):
+        cand = ids[r][ids[r] >= 0]
+        if len(cand) == 0:
+            continue
+        d, i = exact_topk(mi.vectors_for(cand), cand, q[r : r + 1], k)
+        out_d[r], out_i[r] = d[0], i[0]
+    return out_d, out_i
 
 
 def _localize(path: str, cache_dir: str | None) -> str:

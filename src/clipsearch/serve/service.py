@@ -118,6 +118,7 @@ class ServeState:
                     exact_max=settings.exact_max,
                     filter_cache_size=settings.filter_cache_size,
                     subset_cache_bytes=settings.subset_cache_bytes,
+                    mmap=settings.mmap,
                 )
             if encoder is None:
                 encoder = load_encoder(settings, searchers)

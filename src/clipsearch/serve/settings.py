@@ -49,6 +49,8 @@ class ServeSettings:
     #: model name or path; None = the `model` recorded in each index.json
     clip_model: str | None = None
     device: str = "cpu"
+    #: memory-map index files: auto (when index.json says mmap, or the file is over 1 GiB), always, never
+    mmap: str = "auto"
     # request limits
     default_k: int = 10
     max_k: int = 1000
@@ -97,6 +99,8 @@ class ServeSettings:
                 raise ConfigError(f"index {name!r} has an empty path", hint="--index NAME=DIR")
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port {self.port} is out of range", hint="--port 0..65535")
+        if self.mmap not in ("auto", "always", "never"):
+            raise ConfigError(f"mmap must be auto, always or never, got {self.mmap!r}")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1", hint="--workers 1")
         positive = (

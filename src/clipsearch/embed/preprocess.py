@@ -165,3 +165,28 @@ def preprocessor_from_hf_config(cfg: dict[str, Any], model_type: str = "") -> Im
         std=std,  # type: ignore[arg-type]
         do_normalize=bool(cfg.get("do_normalize", True)),
     )
+
+
+def decode_batch(
+    pp: ImagePreprocessor, items: list[bytes | None]
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Worker task: image bytes -> (uint8 [k, H, W, 3] of the good ones, their indices, (index, error) of the bad).
+
+    A corrupt image is reported, never raised, so one bad file cannot take its batch down.
+    """
+    arrays: list[np.ndarray] = []
+    ok: list[int] = []
+    errors: list[tuple[int, str]] = []
+    for i, data in enumerate(items):
+        if not data:
+            errors.append((i, "empty image"))
+            continue
+        try:
+            arrays.append(pp.bytes_to_array(data))
+            ok.append(i)
+        except Exception as e:  # any decoder failure is a bad image, not a bad run
+            errors.append((i, f"{type(e).__name__}: {e}"[:200]))
+    if arrays:
+        return np.stack(arrays), ok, errors
+    h, w = pp.output_hw
+    return np.zeros((0, h, w, 3), dtype=np.uint8), ok, errors

@@ -187,6 +187,8 @@ def main() -> int:
                     "rc": rc,
                     "load_before": before,
                 }
+                if rc != 0:
+                    res["log_tail"] = (work / f"{tool}-{r}.log").read_text()[-2000:]
                 results[tool].append(res)
                 print(tool, json.dumps(res), flush=True)
                 shutil.rmtree(out, ignore_errors=True)

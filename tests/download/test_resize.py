@@ -141,3 +141,17 @@ def test_exif_extracted_and_orientation_applied():
     im.save(buf, "JPEG", exif=ex.tobytes())
     p = resize.process(buf.getvalue(), cfg(resize_mode="keep_ratio_largest"))
     assert (p.width, p.height) == (128, 256)
+
+
+def test_transparency_is_flattened_on_white():
+    im = Image.new("RGBA", (509, 509), (0, 0, 0, 0))  # fully transparent black
+    im.paste((0, 0, 255, 255), (101, 101, 399, 399))  # an opaque blue square, edges off the pixel grid
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    p = resize.process(buf.getvalue(), cfg(encode_format="png"))
+    out = Image.open(io.BytesIO(p.data))
+    assert out.mode == "RGB"
+    assert out.getpixel((5, 5)) == (255, 255, 255)
+    assert out.getpixel((128, 128)) == (0, 0, 255)
+    # blue over white keeps blue at 255 everywhere; a straight-alpha resize would darken the edges
+    assert min(px[2] for px in out.getdata()) >= 250

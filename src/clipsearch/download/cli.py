@@ -104,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="hash of the stored image bytes (sha256 goes in the sha256 column)",
     )
     g.add_argument(
+        "--verify-hash",
+        nargs=2,
+        default=None,
+        metavar=("COL", "ALGO"),
+        help="input column holding the expected md5|sha256|sha512 of the downloaded bytes; mismatches fail",
+    )
+    g.add_argument(
         "--dedup",
         action="store_true",
         help="skip (status duplicate) a sample whose downloaded bytes were already seen in the run",
@@ -203,6 +210,7 @@ def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
         incremental_mode=args.incremental_mode,
         retry_failed=args.retry_failed,
         compute_hash=args.compute_hash,
+        verify_hash=tuple(args.verify_hash) if args.verify_hash else None,
         dedup=args.dedup,
         extract_exif=args.extract_exif,
         enable_wandb=args.enable_wandb,

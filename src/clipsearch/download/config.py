@@ -54,6 +54,7 @@ class DownloadConfig:
     incremental_mode: str = "incremental"
     retry_failed: bool = False
     compute_hash: str = "sha256"
+    verify_hash: tuple[str, str] | None = None  # (input column, algorithm): drop bytes whose hash differs
     dedup: bool = False
     extract_exif: bool = False
     enable_wandb: bool = False
@@ -138,6 +139,13 @@ class DownloadConfig:
                 "a txt URL list has no columns, so no caption column",
                 "--input-format csv or no --caption-col",
             )
+        if self.verify_hash is not None:
+            if len(self.verify_hash) != 2 or self.verify_hash[1] not in ("md5", "sha256", "sha512"):
+                raise bad(
+                    f"verify_hash must be (column, md5|sha256|sha512), got {self.verify_hash!r}",
+                    "--verify-hash COL md5|sha256|sha512",
+                )
+            object.__setattr__(self, "verify_hash", tuple(self.verify_hash))
         if self.dedup and self.compute_hash == "none":
             raise bad("--dedup needs a content hash", "--compute-hash sha256")
         if not isinstance(self.save_additional_columns, tuple):

@@ -54,6 +54,9 @@ class Shard:
     def name(self) -> str:
         return f"{self.shard_id:05d}"
 
+    def __str__(self) -> str:
+        return self.name
+
 
 # ---------------------------------------------------------------- discovery and checks
 
@@ -109,6 +112,8 @@ def wanted_columns(cfg: DownloadConfig) -> list[str]:
     if cfg.caption_col:
         cols.append(cfg.caption_col)
     cols += [c for c in cfg.save_additional_columns if c not in cols]
+    if cfg.verify_hash and cfg.verify_hash[0] not in cols:
+        cols.append(cfg.verify_hash[0])
     return cols
 
 
@@ -129,6 +134,8 @@ def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> None:
             )
         return
     hints = {cfg.url_col: "--url-col", cfg.caption_col: "--caption-col"}
+    if cfg.verify_hash:
+        hints.setdefault(cfg.verify_hash[0], "--verify-hash")
     for c in wanted_columns(cfg):
         if c not in names:
             raise InputError(
@@ -307,7 +314,7 @@ def normalize(table: pa.Table, cfg: DownloadConfig) -> pa.Table:
     for src, dst in cols.items():
         col = table.column(src)
         out[dst] = col if col.type == pa.string() else _to_str(col)
-    for c in cfg.save_additional_columns:
+    for c in wanted_columns(cfg):
         if c not in cols:
             out[c] = table.column(c)
     return pa.table(out)

@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageChops, ImageFile, ImageOps
 
 from clipsearch.download.config import DownloadConfig
 
@@ -101,13 +101,15 @@ def process(data: bytes, cfg: DownloadConfig) -> Processed:
             img.draft("RGB", size)  # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 scale
         img.load()
         img, swapped = _oriented(img)
-        img = _to_rgb(img)
+        img, alpha = _to_rgb_or_premultiplied(img)
         if size is not None and swapped:
             size = (size[1], size[0])
         if size is not None and size != img.size:
             down = size[0] < img.width
             filt = _FILTERS[cfg.downscale_interpolation if down else cfg.upscale_interpolation]
             img = img.resize(size, filt, reducing_gap=3.0 if down else None)
+        if alpha:
+            img = _flatten_on_white(img)
         img = _finish(img, cfg)
         buf = io.BytesIO()
         fmt = _PIL_FORMAT[cfg.encode_format]
@@ -147,17 +149,23 @@ def _oriented(img: Image.Image) -> tuple[Image.Image, bool]:
     return img, False
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb_or_premultiplied(img: Image.Image) -> tuple[Image.Image, bool]:
+    """RGB, or premultiplied RGBa for images with transparency (resized before being flattened, which is
+    both cheaper and free of the dark fringes a straight-alpha resize leaves)."""
     if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGB", img.size, _WHITE)
-        bg.paste(img, mask=img.getchannel("A"))
-        return bg
-    return img.convert("RGB")
+        return img, False
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if img.mode != "RGBA":
+            img = img.convert("RGBA")
+        return img.convert("RGBa"), True
+    return img.convert("RGB"), False
+
+
+def _flatten_on_white(img: Image.Image) -> Image.Image:
+    """Composite a premultiplied RGBa image on white: c + (255 - a) per channel."""
+    r, g, b, a = img.split()
+    inv = ImageChops.invert(a)
+    return Image.merge("RGB", [ImageChops.add(c, inv) for c in (r, g, b)])
 
 
 def _finish(img: Image.Image, cfg: DownloadConfig) -> Image.Image:

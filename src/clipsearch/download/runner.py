@@ -185,6 +185,11 @@ def _make_sample(
     row: dict[str, Any], data: bytes, cfg: DownloadConfig, seen: Any, lock: threading.Lock
 ) -> writers.Sample:
     """Runs in the decode thread pool: dedup check, decode/resize/encode, hashes."""
+    if cfg.verify_hash is not None:
+        col, algo = cfg.verify_hash
+        want = row.get(col)
+        if want and hashlib.new(algo, data).hexdigest() != str(want).lower():
+            return _sample(row, cfg, "failed_to_download", f"{algo} mismatch")
     if cfg.dedup:
         h = hashlib.sha256(data).hexdigest()
         with lock:
@@ -398,11 +403,12 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
     q: Any = None
     seen: Any = None
     local_pool = cfg.distributor.distributor == "local" and cfg.distributor.processes > 1 and len(todo) > 1
-    if local_pool and (cfg.progress or wandb_run is not None or cfg.dedup):
-        manager = mp.get_context("spawn").Manager()
-        q = manager.Queue()
-        seen = manager.dict() if cfg.dedup else None
-    elif cfg.distributor.distributor == "local":
+    if local_pool:  # worker processes: a manager carries progress and the dedup table across them
+        if cfg.progress or wandb_run is not None or cfg.dedup:
+            manager = mp.get_context("spawn").Manager()
+            q = manager.Queue()
+            seen = manager.dict() if cfg.dedup else None
+    elif cfg.distributor.distributor == "local":  # inline in this process
         import queue as queue_mod
 
         q = queue_mod.SimpleQueue()

@@ -173,7 +173,7 @@ class DownloadConfig:
         from clipsearch import __version__
 
         token = f"; {self.user_agent_token}" if self.user_agent_token else ""
-        return f"clipsearch/{__version__} (compatible{token}; +https://github.com/clipsearch/clipsearch)"
+        return f"clipsearch/{__version__} (compatible{token}; image downloader)"
 
     @property
     def agent_tokens(self) -> frozenset[str]:

@@ -24,6 +24,7 @@ class _State:
         self.hits: dict[str, int] = {}
         self.user_agents: list[str] = []
         self.stop = threading.Event()
+        self.in_flight = self.max_in_flight = 0
 
     def hit(self, key: str) -> int:
         with self.lock:
@@ -118,6 +119,14 @@ def make_handler(state: _State):
                         "none": "nofollow",
                     }[parts[1]]
                     return self._send(200, ASSETS["big.jpg"][1], "image/jpeg", [("X-Robots-Tag", tag)])
+                if parts[0] == "conc":  # records how many requests are in flight at once
+                    with state.lock:
+                        state.in_flight += 1
+                        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                    time.sleep(0.1)
+                    with state.lock:
+                        state.in_flight -= 1
+                    return self._send(200, ASSETS["small.jpg"][1])
                 if parts[0] == "delay":  # an image after 0.2 s: keeps a run busy for the kill test
                     time.sleep(0.2)
                     return self._send(200, ASSETS["small.jpg"][1])

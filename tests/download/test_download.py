@@ -550,3 +550,10 @@ def test_verify_hash(server, tmp_path):
     st = download(cfg(tmp_path, url_list, verify_hash=("h", "sha256")))
     assert st["this_run"]["status"] == {"success": 1, "failed_to_download": 1}
     assert dict(st["this_run"]["top_errors"]) == {"sha256 mismatch": 1}
+
+
+def test_per_host_concurrency_cap(server, tmp_path):
+    url_list = write_input(tmp_path, "txt", [{"url": server.url(f"/conc?{i}")} for i in range(12)])
+    st = download(cfg(tmp_path, url_list, thread_count=8, max_connections_per_host=2, timeout=5))
+    assert st["this_run"]["status"] == {"success": 12}
+    assert 1 <= server.state.max_in_flight <= 2

@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -109,11 +110,12 @@ class Fetcher:
     def __init__(self, cfg: DownloadConfig):
         self.cfg = cfg
         self._session: aiohttp.ClientSession | None = None
+        self._hosts: dict[str, asyncio.Semaphore] = {}
 
     async def __aenter__(self) -> Fetcher:
         connector = aiohttp.TCPConnector(
             limit=self.cfg.thread_count,
-            limit_per_host=self.cfg.max_connections_per_host,
+            limit_per_host=0,  # capped by _host_slot, outside the request deadline
             use_dns_cache=True,
             ttl_dns_cache=300,
         )
@@ -127,6 +129,13 @@ class Fetcher:
         )
         return self
 
+    def _host_slot(self, url: str) -> asyncio.Semaphore:
+        host = urlsplit(url).netloc.lower()
+        sem = self._hosts.get(host)
+        if sem is None:
+            sem = self._hosts[host] = asyncio.Semaphore(self.cfg.max_connections_per_host)
+        return sem
+
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
             await self._session.close()
@@ -139,7 +148,8 @@ class Fetcher:
         attempt = 0
         while True:
             try:
-                async with asyncio.timeout(self.cfg.timeout):
+                # the per-host slot is taken before the deadline starts: queueing is not the server's fault
+                async with self._host_slot(url), asyncio.timeout(self.cfg.timeout):
                     return await self._once(url, attempt + 1)
             except TimeoutError:
                 err = _Retryable(f"timeout after {self.cfg.timeout:g}s")

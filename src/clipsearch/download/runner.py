@@ -63,7 +63,8 @@ def run_shard(shard: reader.Shard, cfg: DownloadConfig, progress: Any = None, se
         if not rows:
             return UnitResult(unit=shard.name, skipped=True, extra={"stats": storage.read_json(stats_path)})
         fs, p = storage.get_fs(stats_path)
-        fs.rm(p)  # from here on the shard counts as unfinished: a kill now means a full redo
+        if fs.exists(p):
+            fs.rm(p)  # from here on the shard counts as unfinished: a kill now means a full redo
     else:
         old = None
         table = reader.read_shard(shard, cfg)

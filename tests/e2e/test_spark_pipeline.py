@@ -1,0 +1,61 @@
+"""`pipeline` on Spark local[2] gives the same output as the local process pool."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipsearch.cli import main
+from clipsearch.demo.sample import generate_sample
+from clipsearch.demo.server import serve_directory
+
+pytestmark = [
+    pytest.mark.spark,
+    pytest.mark.skipif(
+        shutil.which("java") is None, reason="Spark needs Java 17 (make system-deps installs it)"
+    ),
+]
+
+
+def _tar_members(path):
+    with tarfile.open(path) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+def test_spark_pipeline_equals_local(tmp_path):
+    rows = generate_sample(tmp_path / "www", 60, seed=7)
+    outs = {}
+    with serve_directory(tmp_path / "www") as base:
+        urls = tmp_path / "urls.parquet"
+        pq.write_table(
+            pa.table({"url": [f"{base}/{r['file']}" for r in rows], "caption": [r["caption"] for r in rows]}),
+            urls,
+        )
+        for dist in ("local", "spark"):
+            out = tmp_path / dist
+            argv = ["-q", "pipeline", "--url-list", str(urls), "--output-folder", str(out),
+                    "--number-sample-per-shard", "20", "--distributor", dist, "--spark-master", "local[2]"]  # fmt: skip
+            assert main(argv) == 0
+            outs[dist] = out
+    a, b = outs["local"], outs["spark"]
+    tars = sorted(p.name for p in (a / "images").glob("*.tar"))
+    assert tars == sorted(p.name for p in (b / "images").glob("*.tar")) and len(tars) == 3
+    for name in tars:
+        assert _tar_members(a / "images" / name) == _tar_members(b / "images" / name)
+        pa_, pb_ = (pq.read_table(x / "images" / name.replace(".tar", ".parquet")) for x in (a, b))
+        assert pa_.drop_columns([c for c in pa_.column_names if "time" in c]).equals(
+            pb_.drop_columns([c for c in pb_.column_names if "time" in c])
+        )
+    for sub in ("img_emb", "text_emb"):
+        ea = np.concatenate([np.load(p) for p in sorted((a / "embeddings" / sub).glob("*.npy"))])
+        eb = np.concatenate([np.load(p) for p in sorted((b / "embeddings" / sub).glob("*.npy"))])
+        assert ea.shape == (60, ea.shape[1]) and np.allclose(ea, eb, atol=2e-3)
+    ma, mb = (json.loads((x / "index" / "index.json").read_text()) for x in (a, b))
+    assert ma["count"] == mb["count"] == 60
+    assert ma["indices"]["image"]["factory"] == mb["indices"]["image"]["factory"]

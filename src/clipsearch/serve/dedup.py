@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import numpy as np
 
+BLOCK = 256
+
 
 def near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:
     """Boolean mask of the rows to drop: a row whose cosine similarity to an earlier kept row is >= threshold.
 
-    Rows are assumed to be in rank order (best first) and L2-normalised, so the best of each group stays.
+    Rows are in rank order (best first), so the best of each group stays. Memory stays O(kept x dim):
+    rows are compared block by block with the rows kept so far, then greedily inside the block.
     """
     n = len(vectors)
     drop = np.zeros(n, dtype=bool)
     if n < 2:
         return drop
     v = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    v = v / np.maximum(norms, 1e-12)
-    sims = v @ v.T
-    for i in range(1, n):
-        earlier_kept = ~drop[:i]
-        if earlier_kept.any() and (sims[i, :i][earlier_kept] >= threshold).any():
-            drop[i] = True
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    kept: list[np.ndarray] = []
+    for start in range(0, n, BLOCK):
+        block = v[start : start + BLOCK]
+        bad = np.zeros(len(block), dtype=bool)
+        if kept:
+            prev = np.concatenate(kept)
+            bad |= (block @ prev.T >= threshold).any(axis=1)
+        inner = block @ block.T
+        for i in range(len(block)):
+            if bad[i]:
+                continue
+            earlier = np.flatnonzero(~bad[:i])
+            if len(earlier) and (inner[i, earlier] >= threshold).any():
+                bad[i] = True
+        drop[start : start + len(block)] = bad
+        kept.append(block[~bad])
     return drop

@@ -11,7 +11,7 @@ QUERY_INPUTS = ("text", "image", "image_url", "embedding", "id")
 
 # static bounds for the OpenAPI spec; the settings may tighten them per deployment
 MAX_K = 1000
-MAX_OFFSET = 10_000
+MAX_OFFSET = 5_000
 MAX_TEXT = 2000
 MAX_FILTER = 2000
 MAX_EMBEDDING_DIM = 4096

@@ -273,7 +273,7 @@ class ServeState:
         want = req.offset + req.k
         hygiene = req.deduplicate or req.safety
         n_fetch = want if not hygiene else int(math.ceil(want * self.settings.overfetch)) + 8
-        cap = max(want, min(s.count, int(math.ceil(want * self.settings.overfetch * 8)) + 64))
+        cap = min(s.count, max(want, int(math.ceil(want * self.settings.overfetch * 8)) + 64))
         q = vec.reshape(1, -1)
         while True:
             n_fetch = min(n_fetch, s.count) if s.count else n_fetch
@@ -285,7 +285,7 @@ class ServeState:
             sims = res.distances[0]
             ok = ids >= 0
             ids, sims = ids[ok], sims[ok]
-            exhausted = len(ids) < n_fetch
+            exhausted = len(ids) < n_fetch or n_fetch >= s.count
             keep = np.ones(len(ids), dtype=bool)
             unsafe_mask = np.zeros(len(ids), dtype=bool)
             dup_mask = np.zeros(len(ids), dtype=bool)

@@ -54,7 +54,7 @@ class ServeSettings:
     # request limits
     default_k: int = 10
     max_k: int = 1000
-    max_offset: int = 10_000
+    max_offset: int = 5_000
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000

@@ -9,12 +9,16 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import faiss
 import pytest
 from PIL import Image
 
 from .helpers import RGB, FakeEncoder, build_index, captions
 
 N = 2000
+
+# one OpenMP thread: on a shared 2-core machine, OpenMP spin-waiting makes small builds 10-20x slower
+faiss.omp_set_num_threads(1)
 
 
 def png_bytes(color: tuple[int, int, int], size: int = 64) -> bytes:

@@ -37,10 +37,17 @@ class FakeEncoder:
         self.dim = dim
         self.name = name
         self.calls: list[int] = []  # batch sizes seen by encode_text
+        self._words: dict[str, np.ndarray] = {}
 
     def word(self, w: str) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(w.lower().encode()).digest()[:8], "little")
-        return np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+        w = w.lower()
+        v = self._words.get(w)
+        if v is None:
+            seed = int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            if len(self._words) < 100_000:
+                self._words[w] = v
+        return v
 
     def encode_text(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         self.calls.append(len(texts))

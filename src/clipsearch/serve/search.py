@@ -140,8 +140,11 @@ def _inner(index: Any) -> Any:
 class ModalityIndex:
     """One faiss index of an index folder (image or text) plus how to get its vectors back."""
 
-    def __init__(self, folder: str, modality: str, info: dict[str, Any], dim: int, mmap: str = "auto"):
+    def __init__(
+        self, folder: str, modality: str, info: dict[str, Any], dim: int, mmap: str = "auto", threads: int = 0
+    ):
         self.modality = modality
+        self.threads = threads
         self.info = info
         fname = info.get("file") or f"{modality}.index"
         self.path = os.path.join(folder, fname)
@@ -221,6 +224,9 @@ class ModalityIndex:
     def search(
         self, x: np.ndarray, k: int, p: SearchParams, sel: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        if self.threads:
+            # per calling thread (an OpenMP ICV): server request threads search with one thread each
+            faiss.omp_set_num_threads(self.threads)
         keep: list[Any] = [sel]
         params = build_search_params(self.index, p.merged(self.defaults), sel, keep)
         dist, ids_ = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=params)
@@ -270,6 +276,7 @@ class IndexSearcher:
         subset_cache_bytes: int = 256 * 1024 * 1024,
         cache_dir: str | None = None,
         mmap: str = "auto",
+        threads: int = 0,
     ):
         self.uri = path
         self.name = name or os.path.basename(path.rstrip("/")) or "index"
@@ -308,7 +315,7 @@ class IndexSearcher:
             if modality not in MODALITIES or not isinstance(entry, dict):
                 logger.warning("%s: ignoring unknown index entry %r", info_path, modality)
                 continue
-            mi = ModalityIndex(folder, modality, entry, self.dim, mmap)
+            mi = ModalityIndex(folder, modality, entry, self.dim, mmap, threads)
             if mi.ntotal != self.metadata.num_rows:
                 raise InputError(
                     f"{mi.path} holds {mi.ntotal} vectors but metadata.arrow has {self.metadata.num_rows} rows"

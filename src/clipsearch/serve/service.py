@@ -119,6 +119,7 @@ class ServeState:
                     filter_cache_size=settings.filter_cache_size,
                     subset_cache_bytes=settings.subset_cache_bytes,
                     mmap=settings.mmap,
+                    threads=settings.search_threads,
                 )
             if encoder is None:
                 encoder = load_encoder(settings, searchers)

@@ -80,6 +80,8 @@ class ServeSettings:
     batch_wait_ms: float = 0.0
     text_cache_size: int = 4096
     encoder_threads: int = 1
+    #: OpenMP threads per search call (0 = faiss default); concurrency comes from concurrent requests
+    search_threads: int = 1
     #: serve the web page at /
     web: bool = True
 

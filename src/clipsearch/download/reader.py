@@ -180,7 +180,7 @@ def _open_bin(path: str):
 
 
 def _open_text(path: str) -> io.TextIOWrapper:
-    return io.TextIOWrapper(_open_bin(path), encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(_open_bin(path), encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _iter_json_records(path: str, fmt: str) -> Iterator[object]:

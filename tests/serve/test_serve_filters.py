@@ -108,3 +108,14 @@ def test_cache_is_keyed_by_canonical_expression():
 
 def test_parse_tree_is_printable():
     assert "and" in str(parse_filter('a == 1 and b contains "x"'))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 13, 1000])
+def test_bitmap_matches_numpy_across_unaligned_batches(chunk):
+    rng = np.random.default_rng(chunk)
+    w = rng.integers(0, 100, 517)
+    t = Table(pa.table({"w": w}), chunk=chunk)
+    bm = compute_bitmap("w < 30 or w == 77", t)
+    expected = (w < 30) | (w == 77)
+    assert (bm.mask == expected).all() and bm.count == expected.sum()
+    assert bm.ids.tolist() == np.flatnonzero(expected).tolist()

@@ -37,6 +37,9 @@ from clipsearch.errors import InputError
 logger = logging.getLogger(__name__)
 
 
+KEEP_IDS_MAX = 100_000  # keep the id list of a filter allowing at most this many ids
+
+
 class FilterError(InputError):
     """A filter expression that does not parse or does not fit the metadata columns."""
 
@@ -373,30 +376,38 @@ def _eval(node: Any, batch: pa.RecordBatch) -> pa.Array:
 
 @dataclass
 class FilterBitmap:
-    """The ids a filter allows: a boolean mask, its count and the packed bitmap for faiss."""
+    """The ids a filter allows, kept as the packed bitmap faiss reads (n / 8 bytes) and their count."""
 
     expression: str
-    mask: np.ndarray  # bool [n]
+    n: int
     count: int
     packed: np.ndarray = field(repr=False)  # uint8 [(n + 7) // 8], little-endian bit order
     _ids: np.ndarray | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool [n] (computed on demand; not kept, to keep the cache small)."""
+        return np.unpackbits(self.packed, count=self.n, bitorder="little").astype(bool)
 
     @property
     def ids(self) -> np.ndarray:
-        if self._ids is None:
-            self._ids = np.flatnonzero(self.mask).astype(np.int64)
-        return self._ids
+        """Sorted allowed ids; kept after the first call only when few (the exact-search case)."""
+        if self._ids is not None:
+            return self._ids
+        ids = np.flatnonzero(self.mask).astype(np.int64)
+        if self.count <= KEEP_IDS_MAX:
+            self._ids = ids
+        return ids
 
     @property
     def selectivity(self) -> float:
-        return self.count / max(1, len(self.mask))
+        return self.count / max(1, self.n)
 
     def selector(self) -> Any:
         """A fresh faiss IDSelectorBitmap over this bitmap (the bitmap stays alive with this object)."""
         import faiss
 
-        sel = faiss.IDSelectorBitmap(len(self.mask), faiss.swig_ptr(self.packed))
+        sel = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(self.packed))
         sel._owner = self  # keep the numpy buffer alive as long as the selector
         return sel
 
@@ -407,7 +418,9 @@ def compute_bitmap(expression: str, table: Any, n: int | None = None) -> FilterB
     check_filter(node, table.schema)
     cols = sorted(_columns_of(node))
     total = table.num_rows if n is None else n
-    mask = np.zeros(total, dtype=bool)
+    packed = np.zeros((total + 7) // 8, dtype=np.uint8)
+    count = 0
+    # batches are packed one at a time (a batch may start mid-byte: OR its bits in)
     for start, batch in table.batches():
         if start >= total:
             break
@@ -416,11 +429,19 @@ def compute_bitmap(expression: str, table: Any, n: int | None = None) -> FilterB
             res = _eval(node, sub)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError) as e:
             raise FilterError(f"filter: cannot evaluate {expression!r}: {e}") from e
-        arr = res.to_numpy(zero_copy_only=False).astype(bool, copy=False)
-        end = min(total, start + len(arr))
-        mask[start:end] = arr[: end - start]
-    packed = np.packbits(mask, bitorder="little")
-    return FilterBitmap(expression, mask, int(mask.sum()), packed)
+        arr = res.to_numpy(zero_copy_only=False).astype(bool, copy=False)[: total - start]
+        count += int(arr.sum())
+        head = (-start) % 8  # bits until the next byte boundary
+        if head:
+            for j in range(min(head, len(arr))):
+                if arr[j]:
+                    packed[(start + j) >> 3] |= np.uint8(1 << ((start + j) & 7))
+            arr = arr[head:]
+            start += head
+        if len(arr):
+            bits = np.packbits(arr, bitorder="little")
+            packed[start >> 3 : (start >> 3) + len(bits)] |= bits
+    return FilterBitmap(expression, total, count, packed)
 
 
 class FilterCache:

@@ -68,7 +68,7 @@ class ServeSettings:
     # search planning
     exact_max: int = 50_000  # a filter allowing at most this many ids is searched exactly
     filter_cache_size: int = 64
-    subset_cache_bytes: int = 256 * 1024 * 1024
+    subset_cache_bytes: int = 128 * 1024 * 1024
     overfetch: float = 2.0  # extra candidates fetched when deduplicate / safety may remove results
     # result hygiene
     dedup_threshold: float = 0.95

@@ -20,13 +20,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("clipsearch.index.cli", "build faiss indices from embeddings under a memory budget"),
     "serve": ("clipsearch.serve.cli", "serve indices over HTTP: REST API and web page"),
     "query": ("clipsearch.serve.query_cli", "batch retrieval by prompts or embeddings into parquet"),
-    "import": ("clipsearch.interop.cli", "convert a clip-retrieval or autofaiss index into a clipsearch index"),
+    "import": (
+        "clipsearch.interop.cli",
+        "convert a clip-retrieval or autofaiss index into a clipsearch index",
+    ),
     "pipeline": ("clipsearch.pipeline", "download, embed and index in one go (then optionally serve)"),
     "demo": ("clipsearch.demo.cli", "build the embedded sample end to end and serve it"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (keeps start-up and --help fast)."""
     parser = argparse.ArgumentParser(
         prog="clipsearch",
         description="Turn lists of image URLs and captions into a CLIP semantic-search engine.",
@@ -36,16 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         mod = importlib.import_module(module)
         p = sub.add_parser(
             name,
             help=help_text,
-            description=(mod.__doc__ or help_text).strip().splitlines()[0],
+            description=(mod.__doc__ or help_text).strip().split("\n\n")[0],
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in COMMANDS), None)
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -59,7 +70,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_of(argv)
+    parser = build_parser(command if command is not None else "")
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     try:

@@ -49,6 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             help=help_text,
             description=(mod.__doc__ or help_text).strip().split("\n\n")[0],
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            conflict_handler=getattr(mod, "CONFLICT_HANDLER", "error"),
         )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

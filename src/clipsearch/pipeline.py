@@ -18,6 +18,8 @@ from clipsearch.errors import OutputExistsError
 logger = logging.getLogger(__name__)
 
 STAGE_FOLDERS = ("images", "embeddings", "index")
+# the stages share a few flags (--no-progress): the pipeline's own definition, added last, wins
+CONFLICT_HANDLER = "resolve"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embed_cli.add_arguments(parser, pipeline=True)
     index_cli.add_arguments(parser, pipeline=True)
     distribute.add_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars, in every stage")
     g = parser.add_argument_group("serving")
     g.add_argument("--serve", action="store_true", help="serve the index over HTTP when the pipeline is done")
     g.add_argument("--host", default="127.0.0.1", help="address to serve on (with --serve)")
@@ -101,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     from clipsearch.embed import cli as embed_cli
     from clipsearch.index import cli as index_cli
 
+    args.progress = not args.no_progress  # the embed stage's spelling of the shared flag
     out = args.output_folder.rstrip("/")
     images, embeddings, index = (storage.join(out, f) for f in STAGE_FOLDERS)
     d = download_cli.config_from_args(args, output_folder=images)

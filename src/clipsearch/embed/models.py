@@ -92,8 +92,9 @@ def _cpu_has_amx() -> bool:
 def resolve_precision(precision: str, device: str) -> str:
     """`auto`: bf16 (or fp16) autocast on GPU; on CPU fp32 unless the CPU has AMX.
 
-    Measured on an avx512_bf16 CPU without AMX, bf16 autocast ran a ViT-B/32 ~30% slower than fp32
-    (docs/bench-embed.md), so without AMX fp32 is the faster choice.
+    This is the static rule (serve and query use it). On an avx512_bf16 CPU without AMX, bf16 autocast was
+    measured both slower and faster than fp32 depending on torch build and load, so the embed stage
+    measures instead (`runner.probe_cpu_precision`); see docs/bench-embed.md.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", hint="--precision " + "|".join(PRECISIONS))
@@ -155,7 +156,8 @@ class ClipEncoder:
         self.model_type = model_type
         self._image_fn = image_fn
         self._text_fn = text_fn
-        self._n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+        self.precision_probe: dict[str, float] = {}  # images/s per precision, when `auto` was measured
+        self.n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         self.dim = int(self.text_features([""]).shape[1])
 
     def __repr__(self) -> str:
@@ -174,7 +176,7 @@ class ClipEncoder:
         is 10x slower (measured: 43 vs 620 single queries/s with the tiny model). torch's thread count is
         process-wide, so this is a performance choice only, never a correctness one.
         """
-        if self.device != "cpu" or work_items * max(self._n_params, 1) > _SMALL_WORK:
+        if self.device != "cpu" or work_items * max(self.n_params, 1) > _SMALL_WORK:
             return contextlib.nullcontext()
         return _one_thread()
 

@@ -148,7 +148,43 @@ def iter_unit(unit: EmbedUnit, counts: readers.ReadCounts) -> Iterator[readers.R
 def cached_encoder(model: str, device: str, precision: str, compile: bool) -> Any:
     from clipsearch.embed.models import load_clip
 
-    return load_clip(model, device=device, precision=precision, compile=compile)
+    enc = load_clip(model, device=device, precision=precision, compile=compile)
+    if precision == "auto" and device == "cpu":
+        enc.precision, enc.precision_probe = probe_cpu_precision(enc)
+    return enc
+
+
+def probe_cpu_precision(enc: Any, batch: int = 16, rounds: int = 2) -> tuple[str, dict[str, float]]:
+    """On CPU, `auto` precision is measured, not assumed: time the image tower in fp32 and under bf16
+    autocast (alternating, best of `rounds`) and keep bf16 only if it is >10% faster.
+
+    Whether bf16 pays depends on the CPU (AMX, avx512_bf16), the torch build and the load: docs/bench-embed.md
+    has both outcomes on the same machine kind. Small models skip the probe and stay fp32.
+    """
+    import torch
+
+    if enc.n_params < 20_000_000:
+        return "fp32", {}
+    h, w = enc.preprocessor.output_hw
+    pix = torch.randn((batch, 3, h, w), generator=torch.Generator().manual_seed(0))
+    best: dict[str, float] = {}
+    try:
+        for prec in ("fp32", "bf16"):  # warm-up: first calls pay one-off kernel selection
+            enc.precision = prec
+            enc.image_features(pix[:2])
+        for r in range(rounds):
+            for prec in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
+                enc.precision = prec
+                t0 = time.perf_counter()
+                enc.image_features(pix)
+                best[prec] = max(best.get(prec, 0.0), batch / (time.perf_counter() - t0))
+    except Exception as e:  # bf16 autocast unsupported here: fp32 it is
+        logger.debug("bf16 probe failed: %s", e)
+        return "fp32", best
+    choice = "bf16" if best.get("bf16", 0.0) > 1.1 * best.get("fp32", 0.0) else "fp32"
+    rates = {k: round(v, 2) for k, v in best.items()}
+    logger.info("precision auto on CPU: %s (images/s measured: %s)", choice, rates)
+    return choice, rates
 
 
 @functools.lru_cache(maxsize=1)
@@ -362,6 +398,7 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
         "modalities": _modalities(cfg),
         "device": device,
         "precision": enc.precision,
+        "precision_probe": getattr(enc, "precision_probe", {}),
         "batch_size": batch_size,
         "num_prepro_workers": workers,
         "top_errors": errors.most_common(10),

@@ -154,7 +154,7 @@ def cached_encoder(model: str, device: str, precision: str, compile: bool) -> An
     return enc
 
 
-def probe_cpu_precision(enc: Any, batch: int = 16, rounds: int = 2) -> tuple[str, dict[str, float]]:
+def probe_cpu_precision(enc: Any, batch: int = 8, rounds: int = 2) -> tuple[str, dict[str, float]]:
     """On CPU, `auto` precision is measured, not assumed: time the image tower in fp32 and under bf16
     autocast (alternating, best of `rounds`) and keep bf16 only if it is >10% faster.
 

@@ -66,7 +66,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     if verbose < 2:
-        for noisy in ("httpx", "urllib3", "py4j", "PIL", "transformers", "filelock", "fsspec"):
+        for noisy in ("httpx", "urllib3", "py4j", "PIL", "transformers", "filelock", "fsspec", "faiss"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

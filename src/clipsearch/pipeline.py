@@ -111,7 +111,9 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     e = embed_cli.config_from_args(
         args, input_dataset=images, output_folder=embeddings, input_format=d.output_format
     )
-    i = index_cli.config_from_args(args, embeddings_folder=embeddings, index_folder=index)
+    i = index_cli.config_from_args(
+        args, embeddings_folder=embeddings, index_folder=index, input_format="embeddings"
+    )
     s = None
     if args.serve:
         from clipsearch.serve import ServeConfig

@@ -40,7 +40,7 @@ def built(tmp_path_factory):
         out = root / "out"
         rc = main(
             ["-q", "pipeline", "--url-list", str(urls), "--output-folder", str(out),
-             "--number-sample-per-shard", "100", "--processes-count", "2", "--thread-count", "16",
+             "--caption-col", "caption", "--number-sample-per-shard", "100", "--processes-count", "2", "--thread-count", "16",
              "--save-additional-columns", "color", "shape"]
         )  # fmt: skip
         assert rc == 0

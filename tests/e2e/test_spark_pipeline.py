@@ -40,7 +40,7 @@ def test_spark_pipeline_equals_local(tmp_path):
         for dist in ("local", "spark"):
             out = tmp_path / dist
             argv = ["-q", "pipeline", "--url-list", str(urls), "--output-folder", str(out),
-                    "--number-sample-per-shard", "20", "--distributor", dist, "--spark-master", "local[2]"]  # fmt: skip
+                    "--caption-col", "caption", "--number-sample-per-shard", "20", "--distributor", dist, "--spark-master", "local[2]"]  # fmt: skip
             assert main(argv) == 0
             outs[dist] = out
     a, b = outs["local"], outs["spark"]

@@ -63,7 +63,7 @@ def build(data_dir: Path, num_images: int, seed: int, host: str, port: int) -> P
     parser = argparse.ArgumentParser()
     pl.add_arguments(parser)
     args = parser.parse_args(
-        ["--url-list", str(url_list), "--output-folder", str(build_dir), "--save-additional-columns",
+        ["--url-list", str(url_list), "--output-folder", str(build_dir), "--caption-col", "caption", "--save-additional-columns",
          "color", "shape", "background"]
     )  # fmt: skip
     cfg = pl.config_from_args(args)

@@ -23,8 +23,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from clipsearch import storage
 from clipsearch.distribute import UnitResult, assigned_gpu, distribute, report_failures
@@ -187,12 +191,62 @@ def probe_cpu_precision(enc: Any, batch: int = 8, rounds: int = 2) -> tuple[str,
     return choice, rates
 
 
+class DecodePool:
+    """Decode processes that survive a crashing decoder.
+
+    spawn: workers import only numpy and Pillow (clipsearch.embed.preprocess), never torch or the parent's
+    threads. If a worker dies (a decoder segfault on a hostile file), the executor is broken: it is
+    restarted, and the batches that were in flight are decoded again once; a batch that kills a worker
+    twice is counted as corrupt images.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self._lock = threading.Lock()
+        self._ex = self._new()
+        atexit.register(self.shutdown)
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.n, mp_context=mp.get_context("spawn"))
+
+    def submit(self, pp: ImagePreprocessor, images: list[bytes | None]) -> Future:
+        with self._lock:
+            ex = self._ex
+        try:
+            return ex.submit(decode_batch, pp, images)
+        except BrokenProcessPool:
+            self.restart(ex)
+            with self._lock:
+                return self._ex.submit(decode_batch, pp, images)
+
+    def restart(self, broken: ProcessPoolExecutor | None = None) -> None:
+        with self._lock:
+            if broken is not None and broken is not self._ex:
+                return  # someone restarted it already
+            logger.warning("a decode worker died; restarting the decode pool")
+            self._ex.shutdown(wait=False, cancel_futures=True)
+            self._ex = self._new()
+
+    def decode(self, pp: ImagePreprocessor, images: list[bytes | None], fut: Future) -> Any:
+        """The result of `fut`, re-decoding once on a fresh pool if its worker died."""
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            self.restart()
+        try:
+            return self.submit(pp, images).result()
+        except BrokenProcessPool:
+            self.restart()
+            h, w = pp.output_hw
+            return np.zeros((0, h, w, 3), np.uint8), [], [(i, "decoder crashed") for i in range(len(images))]
+
+    def shutdown(self) -> None:
+        self._ex.shutdown(wait=False, cancel_futures=True)
+
+
 @functools.lru_cache(maxsize=1)
-def _decode_pool(n: int) -> Any:
-    # spawn: workers import only numpy/PIL (clipsearch.embed.preprocess), never torch or the parent's threads
-    pool = mp.get_context("spawn").Pool(n)
-    atexit.register(pool.terminate)
-    return pool
+def _decode_pool(n: int) -> DecodePool:
+    return DecodePool(n)
 
 
 def _unit_device(cfg: EmbedConfig, part: int = 0) -> str:
@@ -224,20 +278,18 @@ class _Failed:
     error: BaseException
 
 
-class _Ready:
-    """An already-computed result with the AsyncResult interface (decoding in the reader thread)."""
+class _Ready(Future):
+    """An already-computed result (decoding in the reader thread)."""
 
     def __init__(self, value: Any):
-        self.value = value
-
-    def get(self, timeout: float | None = None) -> Any:
-        return self.value
+        super().__init__()
+        self.set_result(value)
 
 
 def _producer(
     unit: EmbedUnit,
     pp: ImagePreprocessor | None,
-    pool: Any,
+    pool: DecodePool | None,
     batch_size: int,
     out: queue.Queue,
     counts: readers.ReadCounts,
@@ -255,14 +307,14 @@ def _producer(
     def submit(batch: list[readers.RawSample]) -> bool:
         images = [s.image for s in batch]
         for s in batch:
-            s.image = None  # the bytes live in the task now; don't hold them twice
+            s.image = None  # kept once, in `images`, until the batch is decoded (for a re-decode)
         if pp is None:
-            fut: Any = None
+            fut: Future | None = None
         elif pool is None:
             fut = _Ready(decode_batch(pp, images))
         else:
-            fut = pool.apply_async(decode_batch, (pp, images))
-        return put((fut, batch))
+            fut = pool.submit(pp, images)
+        return put((fut, batch, images))
 
     try:
         batch: list[readers.RawSample] = []
@@ -344,10 +396,11 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
                 break
             if isinstance(item, _Failed):
                 raise item.error
-            fut, batch = item
+            fut, batch, images = item
             seen += len(batch)
             if fut is not None:
-                arr, ok, bad = fut.get()
+                arr, ok, bad = pool.decode(pp, images, fut) if pool is not None else fut.result()  # type: ignore[arg-type]
+                del images
                 for i, msg in bad:
                     counts.add("corrupt_images", batch[i].key)
                     errors[msg.split(":", 1)[0] if ":" in msg else msg] += 1

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from clipsearch.embed.preprocess import ImagePreprocessor, decode_batch
+from clipsearch.embed.runner import DecodePool
+
+from .conftest import CORRUPT, image_bytes
+
+
+@dataclass(frozen=True)
+class CrashingPreprocessor(ImagePreprocessor):
+    """Kills its worker process on b"CRASH", like a decoder segfault would."""
+
+    def bytes_to_array(self, data: bytes):
+        if data == b"CRASH":
+            os._exit(1)
+        return super().bytes_to_array(data)
+
+
+def test_decode_batch_reports_bad_images() -> None:
+    pp = ImagePreprocessor(size=(32, 32), crop=(32, 32))
+    arr, ok, bad = decode_batch(pp, [image_bytes(1), CORRUPT, None, image_bytes(2, "PNG", (300, 20))])
+    assert arr.shape == (2, 32, 32, 3) and ok == [0, 3]
+    assert [i for i, _ in bad] == [1, 2]
+
+
+def test_jpeg_draft_decodes_big_images_at_reduced_scale() -> None:
+    pp = ImagePreprocessor(size=(32, 32), crop=(32, 32))
+    img = pp.decode(image_bytes(3, "JPEG", (400, 300)))
+    assert img.size == (100, 75)  # 1/4 scale: the largest reduction that stays >= 2x the 42x32 resize
+    assert pp.to_array(img).shape == (32, 32, 3)
+    assert pp.decode(image_bytes(3, "JPEG", (100, 100))).size == (100, 100)  # small: full decode
+
+
+def test_pool_survives_a_crashing_decoder() -> None:
+    pp = CrashingPreprocessor(size=(32, 32), crop=(32, 32))
+    pool = DecodePool(1)
+    try:
+        bad_batch = [image_bytes(1), b"CRASH", image_bytes(2)]
+        arr, ok, bad = pool.decode(pp, bad_batch, pool.submit(pp, bad_batch))
+        assert ok == [] and len(bad) == 3 and bad[0][1] == "decoder crashed"
+        good = [image_bytes(3), image_bytes(4)]
+        arr, ok, bad = pool.decode(pp, good, pool.submit(pp, good))
+        assert ok == [0, 1] and arr.shape == (2, 32, 32, 3)
+    finally:
+        pool.shutdown()

@@ -79,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target-recall", type=float, default=0.95, help="recall@10 the tuned parameters must reach"
     )
+    p.add_argument("--max-query-ms", type=float, default=10.0, help="single-query latency budget for tuning")
     p.add_argument("--device", default="cpu", help="device for the model (dimension check, tuning queries)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a clipsearch index already in --index-folder"
@@ -101,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ImportConfig:
         caption_column=args.caption_column,
         queries=args.queries,
         target_recall=args.target_recall,
+        max_query_ms=args.max_query_ms,
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -37,6 +37,8 @@ class ImportConfig:
     queries: str | None = None
     #: recall@10 the tuned parameters must reach (against exact search)
     target_recall: float = 0.95
+    #: single-query latency budget when no point reaches the target recall
+    max_query_ms: float = 10.0
     device: str = "cpu"
     overwrite: bool = False
     progress: bool = True

@@ -69,11 +69,24 @@ def _grid(index: Any) -> tuple[str, list[int]] | None:
     return None
 
 
+def _sweep(index: Any, q: np.ndarray, gt: np.ndarray, key: str, values: list[int]) -> list[dict[str, Any]]:
+    from clipsearch.serve.search import SearchParams, build_search_params
+
+    curve: list[dict[str, Any]] = []
+    for v in values:
+        keep: list[Any] = []
+        params = build_search_params(index, SearchParams(**{key: v}), None, keep)
+        t = time.perf_counter()
+        _, ids = index.search(q, K, params=params)
+        ms = (time.perf_counter() - t) * 1000 / len(q)
+        recall = float(np.mean([len(set(a[a >= 0]) & set(b)) / K for a, b in zip(ids, gt, strict=True)]))
+        curve.append({"params": {key: v}, "recall_at_10_text": round(recall, 4), "latency_ms": round(ms, 3)})
+    return curve
+
+
 def tune_imported(entry: dict[str, Any], index: Any, modality: str, cfg: ImportConfig, encoder: Any) -> None:
     """Sweep nprobe / efSearch on the held-out queries; updates `entry` (search_params, curve, reason)."""
     import faiss
-
-    from clipsearch.serve.search import SearchParams, build_search_params
 
     assert cfg.queries is not None
     texts = load_queries(cfg.queries)
@@ -100,17 +113,20 @@ def tune_imported(entry: dict[str, Any], index: Any, modality: str, cfg: ImportC
     _, gt = faiss.knn(q, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
     del vectors
     key, values = grid
-    curve: list[dict[str, Any]] = []
-    for v in values:
-        keep: list[Any] = []
-        params = build_search_params(index, SearchParams(**{key: v}), None, keep)
-        t = time.perf_counter()
-        _, ids = index.search(q, K, params=params)
-        ms = (time.perf_counter() - t) * 1000 / len(q)
-        recall = float(np.mean([len(set(a[a >= 0]) & set(b)) / K for a, b in zip(ids, gt, strict=True)]))
-        curve.append({"params": {key: v}, "recall_at_10_text": round(recall, 4), "latency_ms": round(ms, 3)})
-    ok = [c for c in curve if c["recall_at_10_text"] >= cfg.target_recall]
-    best = ok[0] if ok else max(curve, key=lambda c: c["recall_at_10_text"])
+    try:  # the index stage's tuner, so imported and native indices are tuned the same way
+        from clipsearch.index.tune import tune as index_tune
+    except ImportError:  # pragma: no cover - the index stage not installed
+        index_tune = None
+    if index_tune is not None:
+        kind = "hnsw" if key == "efSearch" else "ivf"
+        tuned = index_tune(index, kind, {"cross": q}, {"cross": gt}, cfg.max_query_ms, cfg.target_recall)
+        curve = list(tuned.curve)
+        best = next(c for c in curve if c["params"] == tuned.search_params)
+        ok = [best] if best["recall_at_10_text"] >= cfg.target_recall else []
+    else:
+        curve = _sweep(index, q, gt, key, values)
+        ok = [c for c in curve if c["recall_at_10_text"] >= cfg.target_recall]  # cheapest first
+        best = ok[0] if ok else max(curve, key=lambda c: c["recall_at_10_text"])
     chosen = best["params"][key]
     before = entry["search_params"].get(key)
     entry["search_params"][key] = chosen

@@ -284,10 +284,30 @@ def write_image_folder(folder: Path, n: int = 5) -> Path:
     return folder
 
 
+def write_tfrecord_format(folder: Path, shards: int = 2, n: int = 6) -> Path:
+    """As the download stage writes it: successes only, caption in `txt` and in `caption` when not null."""
+    from clipsearch.download.writers import encode_example, write_tfrecord
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        rows = make_samples(s, n)
+        with open(folder / f"{s:05d}.tfrecord", "wb") as f:
+            for r in rows:
+                if r["status"] != "success":
+                    continue
+                feats = {"jpg": r["_image"], "txt": r["caption"] or ""}
+                feats.update({k: v for k, v in _meta(r).items() if v is not None})
+                write_tfrecord(f, encode_example(feats))
+        _write_sibling_parquet(folder / f"{s:05d}.parquet", rows)
+        (folder / f"{s:05d}.stats.json").write_text(json.dumps(_stats(s, rows)))
+    return folder
+
+
 WRITERS = {
     "webdataset": write_webdataset,
     "parquet": write_parquet_format,
     "files": write_files_format,
+    "tfrecord": write_tfrecord_format,
 }
 
 

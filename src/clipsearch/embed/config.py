@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from clipsearch.distribute import DistributorConfig
 from clipsearch.errors import ConfigError
 
-INPUT_FORMATS = ("webdataset", "parquet", "files", "images")
+INPUT_FORMATS = ("webdataset", "parquet", "files", "tfrecord", "images")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MODEL = (

@@ -21,7 +21,7 @@ from clipsearch.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("webdataset", "parquet", "files", "images")
+FORMATS = ("webdataset", "parquet", "files", "tfrecord", "images")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
 _TEXT_EXTS = ("txt",)
@@ -107,12 +107,16 @@ def detect_format(input_dataset: str) -> str:
             return "webdataset"
         if name.endswith(".parquet"):
             return "parquet"
+        if name.endswith(".tfrecord"):
+            return "tfrecord"
         raise InputError(
             f"{input_dataset} is a file but not a .tar or .parquet shard",
             hint="--input-dataset with a folder",
         )
     if storage.listdir(input_dataset, ".tar"):
         return "webdataset"
+    if storage.listdir(input_dataset, ".tfrecord"):
+        return "tfrecord"
     parquets = storage.listdir(input_dataset, ".parquet")
     if parquets and _parquet_image_column(parquets[0]):
         return "parquet"
@@ -138,6 +142,8 @@ def list_shards(input_dataset: str, fmt: str) -> list[str]:
         shards = [s for s in storage.listdir(input_dataset, ".parquet") if not _basename(s).startswith(".")]
     elif fmt == "files":
         shards = [d for d in _subdirs(input_dataset) if _is_shard_name(_basename(d))]
+    elif fmt == "tfrecord":
+        shards = storage.listdir(input_dataset, ".tfrecord")
     else:
         raise ValueError(fmt)
     return [s for s in shards if not _basename(s).startswith(".")]
@@ -146,7 +152,7 @@ def list_shards(input_dataset: str, fmt: str) -> list[str]:
 def shard_size_hint(shard: str) -> int | None:
     """Successful samples of a download shard, from its `NNNNN.stats.json`, when it has one."""
     stem = shard.rstrip("/")
-    for suffix in (".tar", ".parquet"):
+    for suffix in (".tar", ".parquet", ".tfrecord"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     try:
@@ -322,6 +328,123 @@ def read_parquet(shard: str, counts: ReadCounts, batch_rows: int = 256) -> Itera
                 yield RawSample(
                     key=key, image=bytes(data), caption=cap if isinstance(cap, str) else None, meta=row
                 )
+
+
+# -- tfrecord: tf.train.Example records, parsed without TensorFlow (the download stage writes them so) ----
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of a protobuf message; length-delimited values as bytes."""
+    i, n = 0, len(buf)
+    while i < n:
+        tag, i = _varint(buf, i)
+        num, wt = tag >> 3, tag & 7
+        if wt == 0:
+            v, i = _varint(buf, i)
+        elif wt == 1:
+            v, i = buf[i : i + 8], i + 8
+        elif wt == 2:
+            ln, i = _varint(buf, i)
+            v, i = buf[i : i + ln], i + ln
+        elif wt == 5:
+            v, i = buf[i : i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        yield num, wt, v
+
+
+def _feature_value(buf: bytes) -> Any:
+    import struct
+
+    for kind, _, lst in _fields(buf):
+        vals: list[Any] = []
+        for _, wt, v in _fields(lst):
+            if kind == 1:  # BytesList
+                vals.append(bytes(v))
+            elif kind == 2:  # FloatList (packed or not)
+                vals += list(struct.unpack(f"<{len(v) // 4}f", v)) if wt == 2 else [struct.unpack("<f", v)[0]]
+            elif kind == 3:  # Int64List (packed or not)
+                raw: list[int] = []
+                if wt == 2:
+                    j = 0
+                    while j < len(v):
+                        x, j = _varint(v, j)
+                        raw.append(x)
+                else:
+                    raw.append(v)
+                vals += [x - (1 << 64) if x >= 1 << 63 else x for x in raw]
+        return vals[0] if len(vals) == 1 else vals
+    return None
+
+
+def parse_example(record: bytes) -> dict[str, Any]:
+    """A serialized tf.train.Example -> {feature name: value} (single values unwrapped, bytes kept)."""
+    out: dict[str, Any] = {}
+    for num, _, features in _fields(record):
+        if num != 1:
+            continue
+        for fnum, _, entry in _fields(features):
+            if fnum != 1:
+                continue
+            key, value = None, None
+            for enum, _, ev in _fields(entry):
+                if enum == 1:
+                    key = bytes(ev).decode("utf-8")
+                elif enum == 2:
+                    value = _feature_value(ev)
+            if key is not None:
+                out[key] = value
+    return out
+
+
+def read_tfrecord(shard: str, counts: ReadCounts) -> Iterator[RawSample]:
+    """A `NNNNN.tfrecord` of tf.train.Example: `key`, the image under its extension, `txt`, metadata."""
+    import struct
+
+    fs, p = storage.get_fs(shard)
+    with fs.open(p, "rb") as f:
+        n = 0
+        while True:
+            head = f.read(12)
+            if not head:
+                return
+            if len(head) < 12:
+                raise InputError(f"{shard}: truncated tfrecord after {n} records")
+            (length,) = struct.unpack("<Q", head[:8])
+            data = f.read(length + 4)
+            if len(data) < length + 4:
+                raise InputError(f"{shard}: truncated tfrecord after {n} records")
+            n += 1
+            try:
+                ex = parse_example(data[:length])
+            except (ValueError, IndexError, UnicodeDecodeError, struct.error):
+                counts.add("bad_metadata", f"record {n}")
+                continue
+            image_ext = next((e for e in IMAGE_EXTS if isinstance(ex.get(e), bytes)), None)
+            meta: dict[str, Any] = {}
+            for k, v in ex.items():
+                if k in IMAGE_EXTS or k == "txt":
+                    continue
+                meta[k] = v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v
+            key = str(meta.get("key") or f"{_basename(shard)}:{n - 1}")
+            if image_ext is None or not ex[image_ext]:
+                counts.add("missing_images", key)
+                continue
+            cap = meta.get("caption")
+            yield RawSample(
+                key=key, image=ex[image_ext], caption=cap if isinstance(cap, str) else None, meta=meta
+            )
 
 
 def read_image_list(

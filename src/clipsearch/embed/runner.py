@@ -140,6 +140,7 @@ def iter_unit(unit: EmbedUnit, counts: readers.ReadCounts) -> Iterator[readers.R
         "webdataset": readers.read_webdataset,
         "parquet": readers.read_parquet,
         "files": readers.read_files,
+        "tfrecord": readers.read_tfrecord,
     }[unit.format]
     for shard in unit.inputs:
         yield from read(shard, counts)

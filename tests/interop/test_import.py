@@ -207,7 +207,7 @@ def test_open_index_mmap_keeps_lists_on_disk(tmp_path):
     )
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF4,Flat", "IVF4,PQ4x4", "PCA8,Flat", "IDMap,Flat"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF4,Flat", "IVF4,SQ8", "PCA8,Flat", "IDMap,Flat"])
 def test_header_matches_faiss(tmp_path, factory):
     x = embeddings(300, seed=4)
     index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
@@ -265,7 +265,7 @@ def test_unrecognised_folder(tmp_path, tiny_clip):
 
 
 def test_clip_retrieval_without_metadata_folder(tmp_path, tiny_clip):
-    src = make_clip_retrieval(tmp_path / "cr")
+    src = make_clip_retrieval(tmp_path / "cr", factory="Flat", param=None, text=False)
     shutil.rmtree(src / "metadata")
     out = tmp_path / "index"
     with pytest.raises(InputError, match="has no metadata/ folder"):
@@ -308,7 +308,7 @@ def test_autofaiss_without_ids(tmp_path, tiny_clip):
 
 
 def test_metadata_row_count_disagrees(tmp_path, tiny_clip):
-    src = make_clip_retrieval(tmp_path / "cr", meta_rows=N - 10)
+    src = make_clip_retrieval(tmp_path / "cr", factory="Flat", param=None, meta_rows=N - 10)
     out = tmp_path / "index"
     with pytest.raises(
         InputError, match=r"metadata has 590 rows in 3 file\(s\) but the index holds 600 vectors"
@@ -351,7 +351,7 @@ def test_output_folder_not_empty(tmp_path, tiny_clip):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, tiny_clip, monkeypatch):
-    src = make_clip_retrieval(tmp_path / "cr")
+    src = make_clip_retrieval(tmp_path / "cr", factory="Flat", param=None)
     out = tmp_path / "index"
     import clipsearch.interop.importer as imp
 

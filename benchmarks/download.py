@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,16 +54,28 @@ def tree_rss_kb(root: int) -> int:
     return total
 
 
-def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, int]:
-    """Run cmd; return (wall seconds, peak tree RSS in MB, exit code)."""
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, int, float]:
+    """Run cmd; return (wall seconds, peak tree RSS in MB, exit code, CPU seconds of the whole tree).
+
+    The CPU seconds (user + system, the tool and every worker it waited for) do not depend on how busy
+    the machine is, unlike the wall time, so they compare the tools' efficiency on a shared machine."""
     t0 = time.perf_counter()
     with open(log, "w") as lf:
-        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
-        peak = 0
-        while p.poll() is None:
-            peak = max(peak, tree_rss_kb(p.pid))
-            time.sleep(0.1)
-    return time.perf_counter() - t0, peak // 1024, p.returncode
+        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        peak, status, usage = 0, None, None
+        try:
+            while True:
+                pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                if pid:
+                    break
+                peak = max(peak, tree_rss_kb(p.pid))
+                time.sleep(0.1)
+        finally:
+            if status is None or not pid:  # interrupted: stop the tool and its workers
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, peak // 1024, p.returncode, usage.ru_utime + usage.ru_stime
 
 
 def successes_clipsearch(out: str) -> int:
@@ -91,6 +104,7 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="extra clipsearch options, e.g. '--decode-threads 1'")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below (nginx, temp dirs)
 
     corpus = Path(a.corpus)
     if (
@@ -157,6 +171,8 @@ def main() -> int:
         str(a.threads),
         "--enable_wandb",
         "False",
+        "--extract_exif",
+        "False",
     ]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     results: dict[str, list[dict]] = {"clipsearch": [], "img2dataset": []}
@@ -172,7 +188,7 @@ def main() -> int:
                     else (ref + ["--output_folder", out])
                 )
                 before = load()
-                wall, rss, rc = timed(cmd, work / f"{tool}-{r}.log", env)
+                wall, rss, rc, cpu = timed(cmd, work / f"{tool}-{r}.log", env)
                 ok = (
                     successes_clipsearch(out)
                     if tool == "clipsearch" and rc == 0
@@ -184,6 +200,8 @@ def main() -> int:
                     "images_per_s": round(a.n / wall, 1),
                     "successes": ok,
                     "peak_rss_mb": rss,
+                    "cpu_s": round(cpu, 1),
+                    "cpu_ms_per_url": round(1000 * cpu / a.n, 2),
                     "rc": rc,
                     "load_before": before,
                 }
@@ -206,9 +224,14 @@ def main() -> int:
                 "images_per_s_median": statistics.median(x["images_per_s"] for x in rs),
                 "successes": sorted({x["successes"] for x in rs}),
                 "peak_rss_mb_median": statistics.median(x["peak_rss_mb"] for x in rs),
+                "cpu_ms_per_url_median": statistics.median(x["cpu_ms_per_url"] for x in rs),
                 "runs": rs,
             }
     if results["img2dataset"] and results["clipsearch"]:
+        summary["cpu_efficiency_ratio"] = round(
+            summary["img2dataset"]["cpu_ms_per_url_median"] / summary["clipsearch"]["cpu_ms_per_url_median"],
+            2,
+        )
         summary["speedup_median"] = round(
             summary["clipsearch"]["images_per_s_median"] / summary["img2dataset"]["images_per_s_median"], 2
         )

@@ -1,0 +1,210 @@
+"""Index benchmark: clipsearch index vs autofaiss 2.18 on the same synthetic CLIP-like data.
+
+Usage:
+    python benchmarks/index.py DATA_DIR BUDGET [--tools ours,autofaiss] [--timeout-min 60]
+
+DATA_DIR is made by /work/shared/bench/make_embeddings.py with NQ=2000: `emb/part_*.npy`
+(float16), `queries.npy` (shifted, text-like) and `gt.npy` (exact top-100). The first 1000 queries
+are handed to clipsearch as `--tuning-queries`; the last 1000 (never seen by either tool) measure
+recall@10 against the exact ground truth. Each tool runs in its own python (autofaiss needs
+faiss-cpu 1.9 and numpy<2: /work/venvs/autofaiss), as a subprocess of this script, one after the
+other, so they never share the 2 cores. Results go to DATA_DIR/results-BUDGET.json and a markdown
+table is printed.
+
+This file is also the worker (`--worker ours|autofaiss`): it imports only numpy and faiss at top
+level so it runs under either venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OURS_PY = os.path.join(ROOT, ".venv", "bin", "python")
+AUTOFAISS_PY = "/work/venvs/autofaiss/bin/python"
+N_EVAL = 1000
+
+
+def _eval_queries(data: str) -> tuple[np.ndarray, np.ndarray]:
+    q = np.load(os.path.join(data, "queries.npy")).astype(np.float32)
+    gt = np.load(os.path.join(data, "gt.npy"))
+    return np.ascontiguousarray(q[-N_EVAL:]), gt[-N_EVAL:]
+
+
+def _measure(index, data: str, threads: int) -> dict:
+    """recall@10 of the held-out shifted queries, single-query median latency, batch QPS."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    q, gt = _eval_queries(data)
+    t0 = time.perf_counter()
+    _, ids = index.search(q, 10)
+    batch_s = time.perf_counter() - t0
+    recall = float(np.mean([len(set(ids[i]) & set(gt[i, :10])) / 10 for i in range(len(q))]))
+    lat = []
+    for i in range(300):
+        t = time.perf_counter()
+        index.search(q[i : i + 1], 10)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {
+        "recall_at_10_text": round(recall, 4),
+        "single_query_ms_median": round(float(np.median(lat)), 3),
+        "single_query_ms_p90": round(float(np.percentile(lat, 90)), 3),
+        "batch_qps": round(len(q) / batch_s, 1),
+    }
+
+
+def worker_autofaiss(data: str, budget: str, out: str, threads: int) -> dict:
+    import faiss
+    from autofaiss import build_index
+
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    _, infos = build_index(
+        embeddings=os.path.join(data, "emb"),
+        index_path=os.path.join(out, "knn.index"),
+        index_infos_path=os.path.join(out, "infos.json"),
+        max_index_memory_usage=budget,
+        current_memory_available="8G",
+        max_index_query_time_ms=10,
+        metric_type="ip",
+        nb_cores=threads,
+        file_format="npy",
+    )
+    build_s = time.perf_counter() - t0
+    index = faiss.read_index(os.path.join(out, "knn.index"))
+    key = infos.get("index_key") if infos else None
+    param = infos.get("index_param") if infos else None
+    if param:
+        faiss.ParameterSpace().set_index_parameters(index, param)
+    res = {"tool": f"autofaiss 2.18 (faiss {faiss.__version__})", "factory": key, "params": param}
+    res["build_s"] = round(build_s, 1)
+    res["index_bytes"] = os.path.getsize(os.path.join(out, "knn.index"))
+    res.update(_measure(index, data, threads))
+    return res
+
+
+def worker_ours(data: str, budget: str, out: str, threads: int) -> dict:
+    import faiss
+
+    from clipsearch.index import IndexConfig, build_index
+
+    q = np.load(os.path.join(data, "queries.npy")).astype(np.float32)
+    tq = os.path.join(out + "-tuneq.npy")
+    np.save(tq, q[:-N_EVAL])
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    cfg = IndexConfig(
+        embeddings_folder=os.path.join(data, "emb"),
+        index_folder=out,
+        input_format="npy",
+        max_index_memory_usage=budget,
+        max_index_query_time_ms=10.0,
+        nb_cores=threads,
+        tuning_queries=tq,
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    info = build_index(cfg)
+    build_s = time.perf_counter() - t0
+    img = info["indices"]["image"]
+    path = os.path.join(out, img["file"])
+    from clipsearch.index.build import apply_search_params, read_index
+
+    index = read_index(path, mmap=img["mmap"])
+    apply_search_params(index, img["search_params"])
+    size = os.path.getsize(path)
+    if os.path.exists(path.replace(".index", ".ivfdata")):
+        size += os.path.getsize(path.replace(".index", ".ivfdata"))
+    res = {"tool": f"clipsearch (faiss {faiss.__version__})", "factory": img["factory"]}
+    res["params"] = img["search_params"]
+    res["reason"] = img["reason"]
+    res["build_s"] = round(build_s, 1)
+    res["index_bytes"] = size
+    res["memory_bytes"] = img["memory_bytes"]
+    res.update(_measure(index, data, threads))
+    return res
+
+
+def run_tool(tool: str, data: str, budget: str, threads: int, timeout_s: float) -> dict:
+    py = AUTOFAISS_PY if tool == "autofaiss" else OURS_PY
+    out = os.path.join(data, f"out-{tool}-{budget}")
+    res_file = out + ".json"
+    cmd = [py, os.path.abspath(__file__), data, budget, "--worker", tool, "--threads", str(threads)]
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, timeout=timeout_s, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"tool": tool, "error": f"timed out after {timeout_s:.0f} s"}
+    if p.returncode != 0:
+        return {"tool": tool, "error": p.stderr[-2000:]}
+    with open(res_file) as f:
+        res = json.load(f)
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| tool | factory | params | recall@10 text | 1-query ms (median) | batch QPS | build s | index MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['tool']} | error: {r['error'][-200:]!r} |||||||")
+            continue
+        rows.append(
+            f"| {r['tool']} | `{r['factory']}` | `{r['params']}` | {r['recall_at_10_text']:.3f} | "
+            f"{r['single_query_ms_median']:.2f} | {r['batch_qps']:.0f} | {r['build_s']:.0f} | "
+            f"{r['index_bytes'] / 1e6:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data")
+    ap.add_argument("budget", help="memory budget, e.g. 64M")
+    ap.add_argument("--tools", default="ours,autofaiss")
+    ap.add_argument("--timeout-min", type=float, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", choices=["ours", "autofaiss"])
+    a = ap.parse_args()
+    if a.worker:
+        out = os.path.join(a.data, f"out-{a.worker}-{a.budget}")
+        fn = worker_ours if a.worker == "ours" else worker_autofaiss
+        res = fn(a.data, a.budget, out, a.threads)
+        with open(out + ".json", "w") as f:
+            json.dump(res, f, indent=2)
+        return
+    load = os.getloadavg()
+    results = []
+    for tool in a.tools.split(","):
+        res = run_tool(tool, a.data, a.budget, a.threads, a.timeout_min * 60)
+        res["key"] = tool
+        res["loadavg_before"] = [round(x, 2) for x in load]
+        load = os.getloadavg()
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    path = os.path.join(a.data, f"results-{a.budget}.json")
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = [r for r in json.load(f) if r.get("key") not in a.tools.split(",")]
+    with open(path, "w") as f:
+        json.dump(old + results, f, indent=2)
+    print(table(old + results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

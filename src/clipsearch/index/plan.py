@@ -1,0 +1,221 @@
+"""Pick a faiss index under a memory budget.
+
+The choice follows what measures well for CLIP text->image queries (see docs/bench-index.md): text
+queries come from another distribution than the images, their neighbours spread over many IVF lists
+and their ranking depends on small score differences, so what matters is (1) scanning many
+candidates cheaply and (2) re-ranking them with the most precise codes the budget allows. Hence:
+
+- exact `Flat` when it fits and a brute-force scan meets the query-time budget;
+- `HNSW32` (float vectors, else SQ8 codes) when it fits and memory mapping is not required;
+- otherwise `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine({codes})`: a fast-scan 4-bit PQ that scans
+  many lists cheaply, then a re-rank of k_factor*k candidates on the highest-rate codes that fit
+  (float, fp16, SQ8, SQ6, PQ at 4 then 2 bits per dimension);
+- with `--should-be-memory-mappable`: `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk
+  inverted lists (fast-scan lists cannot live on disk in faiss).
+
+Memory figures are estimates of the index size (RAM when loaded, disk when memory-mapped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from clipsearch.errors import ConfigError, IndexBuildError
+from clipsearch.index.config import format_memory
+
+logger = logging.getLogger(__name__)
+
+FLAT_SCAN_BYTES_PER_S = 4e9  # one core streaming float32 dot products, measured order of magnitude
+HNSW_MAX_VECTORS = 2_000_000  # beyond this, building HNSW on few cores takes hours
+ID_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    factory: str
+    kind: str  # "flat" | "hnsw" | "ivf" | "other"
+    reason: str
+    memory_bytes: int
+    mmap: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "factory": self.factory,
+            "kind": self.kind,
+            "reason": self.reason,
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+def pick_nlist(n: int) -> int:
+    """A power of two near 4*sqrt(n), with at least ~40 vectors per list."""
+    target = 4 * math.sqrt(max(n, 1))
+    nlist = 2 ** round(math.log2(max(target, 1)))
+    while nlist > 16 and n / nlist < 40:
+        nlist //= 2
+    return max(1, nlist)
+
+
+def coarse(nlist: int, d: int) -> tuple[str, int]:
+    """The coarse quantizer's factory part and its size: HNSW over the centroids when there are many."""
+    if nlist > 4096:
+        return f"IVF{nlist}_HNSW32", nlist * (d * 4 + 32 * 2 * 4 + 16)
+    return f"IVF{nlist}", nlist * d * 4
+
+
+def _refine_ladder(d: int) -> list[tuple[str, int]]:
+    """(factory suffix, bytes per vector) from the most to the least precise re-rank codes."""
+    out = [
+        (",RFlat", 4 * d),
+        (",Refine(SQfp16)", 2 * d),
+        (",Refine(SQ8)", d),
+        (",Refine(SQ6)", (6 * d + 7) // 8),
+    ]
+    for m in (d // 2, d // 4):
+        if m >= 1 and d % m == 0:
+            out.append((f",Refine(PQ{m}x8)", m))
+    out.append(("", 0))
+    return out
+
+
+def _fs_sizes(d: int) -> list[int]:
+    """Fast-scan PQ sub-quantizer counts to try, largest first (d must be divisible by M)."""
+    out = []
+    for div in (8, 16, 32):
+        m = d // div
+        if m >= 2 and d % m == 0 and m % 2 == 0:
+            out.append(m)
+    return out or [m for m in (2, 1) if d % m == 0]
+
+
+def _mmap_codes(d: int) -> list[tuple[str, int]]:
+    out = [("SQ8", d), ("SQ6", (6 * d + 7) // 8)]
+    for div in (2, 4, 8, 16, 32):
+        m = d // div
+        if m >= 1 and d % m == 0:
+            out.append((f"PQ{m}x8", m))
+    return out
+
+
+def ivf_memory(n: int, d: int, nlist: int, code: int, refine: int, fast_scan: bool) -> int:
+    _, cq = coarse(nlist, d)
+    pad = nlist * 16 * code if fast_scan else 0  # fast-scan packs lists in blocks of 32
+    return cq + n * (code + ID_BYTES + refine) + pad + 4 * d * 256  # + codebooks
+
+
+def smallest_budget(n: int, d: int, mmap: bool) -> int:
+    """The smallest index any plan can build (what the budget error names)."""
+    nlist = pick_nlist(n)
+    m = min(_fs_sizes(d)) if not mmap else min(c for _, c in _mmap_codes(d))
+    code = (m + 1) // 2 if not mmap else m
+    return ivf_memory(n, d, nlist, code, 0, not mmap)
+
+
+def plan_index(
+    n: int,
+    d: int,
+    budget: int,
+    max_query_ms: float = 10.0,
+    *,
+    mmap: bool = False,
+    index_key: str | None = None,
+) -> Plan:
+    """Choose the index for n vectors of dimension d under `budget` bytes."""
+    if index_key:
+        kind, mem = describe_key(index_key, n, d)
+        return Plan(index_key, kind, "forced by --index-key", mem, mmap and kind == "ivf")
+    flat_mem = n * d * 4
+    flat_ms = flat_mem / FLAT_SCAN_BYTES_PER_S * 1000
+    if flat_mem <= budget and (flat_ms <= max_query_ms or n <= 10_000):
+        return Plan(
+            "Flat",
+            "flat",
+            f"{n} vectors: exact search fits the budget ({format_memory(flat_mem)}) and scans in about "
+            f"{flat_ms:.1f} ms",
+            flat_mem,
+        )
+    if not mmap and n <= HNSW_MAX_VECTORS:
+        for key, per in (("HNSW32", 4 * d), ("HNSW32_SQ8", d)):
+            mem = n * (per + 32 * 2 * 4 + 16)
+            if mem <= budget:
+                return Plan(
+                    key,
+                    "hnsw",
+                    f"{n} vectors: a graph over {'float vectors' if per == 4 * d else 'SQ8 codes'} fits "
+                    f"({format_memory(mem)} <= {format_memory(budget)}); exact scan would take ~{flat_ms:.0f} ms",
+                    mem,
+                )
+    nlist = pick_nlist(n)
+    cq_key, _ = coarse(nlist, d)
+    if mmap:
+        for code_key, code in _mmap_codes(d):
+            mem = ivf_memory(n, d, nlist, code, 0, False)
+            if mem <= budget:
+                return Plan(
+                    f"{cq_key},{code_key}",
+                    "ivf",
+                    f"{n} vectors, memory-mappable: on-disk inverted lists with the most precise codes that "
+                    f"fit ({code_key}, {format_memory(mem)} <= {format_memory(budget)})",
+                    mem,
+                    True,
+                )
+    else:
+        fs = _fs_sizes(d)
+        mid = fs[min(1, len(fs) - 1)]  # prefer precise re-rank codes over a larger fast-scan code
+        for ref_key, ref in _refine_ladder(d):
+            for m in [x for x in fs if x >= mid] + [x for x in fs if x < mid]:
+                code = (m + 1) // 2
+                mem = ivf_memory(n, d, nlist, code, ref, True)
+                if mem > budget:
+                    continue
+                # with the re-rank codes fixed, spend what is left on a larger fast-scan code
+                for bigger in fs:
+                    if bigger > m and ivf_memory(n, d, nlist, (bigger + 1) // 2, ref, True) <= budget:
+                        m, mem = bigger, ivf_memory(n, d, nlist, (bigger + 1) // 2, ref, True)
+                        break
+                what = ref_key.strip(",") or "no re-rank (budget too tight)"
+                return Plan(
+                    f"{cq_key},PQ{m}x4fsr{ref_key}",
+                    "ivf",
+                    f"{n} vectors in {format_memory(budget)}: exact ({format_memory(flat_mem)}) and HNSW do not "
+                    f"fit or are too slow; IVF{nlist} fast-scan PQ{m} scans many lists cheaply, re-ranked with "
+                    f"{what} ({format_memory(mem)})",
+                    mem,
+                )
+    need = smallest_budget(n, d, mmap)
+    raise IndexBuildError(
+        f"a memory budget of {format_memory(budget)} is too small for any index of {n} vectors of "
+        f"dimension {d}; the smallest that works is {format_memory(need)}",
+        hint=f"--max-index-memory-usage {format_memory(int(need * 1.05) + 1)}",
+    )
+
+
+def describe_key(key: str, n: int, d: int) -> tuple[str, int]:
+    """Kind and estimated size of a forced factory string (checked by building an empty index)."""
+    import faiss
+
+    try:
+        idx = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+    except Exception as e:
+        raise ConfigError(f"faiss cannot build {key!r}: {e}", hint="--index-key") from e
+    sa = 0
+    try:
+        sa = idx.sa_code_size()
+    except Exception:
+        sa = 0
+    try:
+        ivf = faiss.extract_index_ivf(idx)
+    except Exception:
+        ivf = None
+    if ivf is not None:
+        refine = 0
+        if isinstance(idx, faiss.IndexRefine):
+            refine = faiss.downcast_index(idx.refine_index).sa_code_size()
+        return "ivf", ivf.nlist * d * 4 + n * (ivf.code_size + ID_BYTES + refine)
+    if "HNSW" in key.split(",")[0]:
+        return "hnsw", n * ((sa or 4 * d) + 32 * 2 * 4 + 16)
+    if key.strip() == "Flat":
+        return "flat", n * d * 4
+    return "other", n * (sa or 4 * d)

@@ -1,0 +1,149 @@
+"""Pick nprobe / efSearch / k_factor on held-out queries, against exact search.
+
+Two query sets are measured at each point: `cross` (text-like: caption embeddings for the image
+index, image embeddings for the text index, or --tuning-queries) and `same` (rows of the indexed
+modality). The objective is the cross recall when there are cross queries: text->image queries come
+from another distribution than the images and quantized indices lose most of their recall there.
+Either the cheapest point that meets --min-recall, or the best recall within the query-time budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipsearch.index.build import apply_search_params, faiss_mod, typed
+
+logger = logging.getLogger(__name__)
+
+K = 10
+N_LATENCY = 40
+
+
+@dataclass
+class Tuned:
+    search_params: dict
+    curve: list[dict]
+    reason: str
+
+
+def recall_at_k(found: np.ndarray, gt: np.ndarray, k: int = K) -> float:
+    if len(gt) == 0:
+        return float("nan")
+    hits = 0
+    for f, g in zip(found[:, :k], gt[:, :k], strict=True):
+        hits += len(set(f[f >= 0].tolist()) & set(g[g >= 0].tolist()))
+    valid = max(1, int((gt[:, :k] >= 0).sum()))
+    return hits / valid
+
+
+def _measure(index, params: dict, queries: dict[str, np.ndarray], gt: dict[str, np.ndarray]) -> dict:
+    apply_search_params(index, params)
+    point: dict = {"params": dict(params)}
+    for name, key in (("same", "recall_at_10"), ("cross", "recall_at_10_text")):
+        q = queries.get(name)
+        if q is None or not len(q):
+            continue
+        _, ids = index.search(q, K)
+        point[key] = round(recall_at_k(ids, gt[name]), 4)
+    lat_q = (
+        queries["cross"] if queries.get("cross") is not None and len(queries["cross"]) else queries["same"]
+    )
+    times = []
+    for i in range(min(N_LATENCY, len(lat_q))):
+        t0 = time.perf_counter()
+        index.search(lat_q[i : i + 1], K)
+        times.append((time.perf_counter() - t0) * 1000)
+    point["latency_ms"] = round(float(np.median(times)), 3) if times else 0.0
+    return point
+
+
+def _objective(point: dict) -> float:
+    return point.get("recall_at_10_text", point.get("recall_at_10", 0.0))
+
+
+def _grid(index, kind: str) -> list[list[dict]]:
+    """Candidate parameter ladders; each ladder is ordered by increasing cost."""
+    faiss = faiss_mod()
+    idx = typed(index)
+    if kind == "hnsw" or isinstance(idx, faiss.IndexHNSW):
+        return [[{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024)]]
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except Exception:
+        return [[{}]]
+    nlist = ivf.nlist
+    probes, p = [], 1
+    while p < nlist:
+        probes.append(p)
+        if p >= 8:
+            probes.append(int(p * 1.5))
+        p *= 2
+    probes.append(nlist)
+    probes = sorted(set(x for x in probes if x <= nlist))
+    if isinstance(idx, faiss.IndexRefine):
+        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in (1, 2, 4, 8, 16, 32, 64, 128)]
+    return [[{"nprobe": n} for n in probes]]
+
+
+def tune(
+    index,
+    kind: str,
+    queries: dict[str, np.ndarray],
+    gt: dict[str, np.ndarray],
+    max_query_ms: float,
+    min_recall: float | None,
+) -> Tuned:
+    t0 = time.perf_counter()
+    curve: list[dict] = []
+    for ladder in _grid(index, kind):
+        best, stale = -1.0, 0
+        for params in ladder:
+            point = _measure(index, params, queries, gt)
+            curve.append(point)
+            r = _objective(point)
+            stale = stale + 1 if r <= best + 0.002 else 0
+            best = max(best, r)
+            if point["latency_ms"] > 3 * max_query_ms or stale >= 3 or (min_recall is None and r >= 0.999):
+                break
+            if min_recall is not None and r >= min_recall and point["latency_ms"] > max_query_ms:
+                break
+    curve.sort(key=lambda p: p["latency_ms"])
+    if min_recall is not None:
+        ok = [p for p in curve if _objective(p) >= min_recall]
+        if ok:
+            chosen = min(ok, key=lambda p: p["latency_ms"])
+            reason = f"lowest latency reaching recall@10 >= {min_recall}"
+        else:
+            chosen = max(curve, key=lambda p: (_objective(p), -p["latency_ms"]))
+            reason = f"no point reaches recall@10 {min_recall}: best recall measured"
+            logger.warning(
+                "%s (%.3f); raise --max-index-memory-usage for a more precise index",
+                reason,
+                _objective(chosen),
+            )
+    else:
+        ok = [p for p in curve if p["latency_ms"] <= max_query_ms]
+        if ok:
+            top = max(_objective(p) for p in ok)
+            chosen = min((p for p in ok if _objective(p) >= top - 0.002), key=lambda p: p["latency_ms"])
+            reason = f"best recall@10 within {max_query_ms:g} ms per query"
+        else:
+            chosen = curve[0]
+            reason = f"no point is faster than {max_query_ms:g} ms: the fastest measured"
+            logger.warning("%s (%.2f ms)", reason, chosen["latency_ms"])
+    apply_search_params(index, chosen["params"])
+    logger.info(
+        "tuned %s: %s -> recall@10 %s (text-like %s), %.2f ms/query; %d points in %.1f s",
+        kind,
+        chosen["params"],
+        chosen.get("recall_at_10"),
+        chosen.get("recall_at_10_text"),
+        chosen["latency_ms"],
+        len(curve),
+        time.perf_counter() - t0,
+    )
+    return Tuned(dict(chosen["params"]), curve, reason)

@@ -405,3 +405,54 @@ def test_cli(tmp_path, tiny_clip, capsys):
     assert run_cli(argv) == 2  # the folder is no longer empty
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipsearch import: error:") and "--overwrite" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------- serve / query
+def test_imported_index_serves_and_queries(tmp_path, tiny_clip):
+    """The HTTP API (dedup, safety, filters) and batch query run on an imported index as on a native one."""
+    from fastapi.testclient import TestClient
+
+    from clipsearch.embed.models import load_clip
+    from clipsearch.query import QueryConfig, query
+    from clipsearch.serve import ServeSettings, create_app
+
+    src = make_clip_retrieval(tmp_path / "cr", factory="HNSW16", param="efSearch=40")
+    out = tmp_path / "index"
+    import_index(ImportConfig(str(src) + "/", str(out), clip_model=tiny_clip, progress=False))
+    enc = load_clip(tiny_clip)
+    raw = faiss.read_index(str(src / "image.index"))
+    q = enc.encode_text(["a red thing"])
+    _, expected = raw.search(np.ascontiguousarray(q, dtype=np.float32), 10)
+
+    with TestClient(create_app(ServeSettings(indices={"cr": str(out)}), encoder=enc)) as client:
+        r = client.post("/knn", json={"text": "a red thing", "k": 10, "deduplicate": False})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["results"]] == expected[0].tolist()
+        assert r.json()["results"][0]["url"] == f"http://img.example/{expected[0][0]}.jpg"
+        r = client.post(
+            "/knn",
+            json={
+                "text": "a red thing",
+                "k": 5,
+                "deduplicate": True,
+                "safety": True,
+                "filter": 'caption contains "red"',
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert all("red" in h["caption"] for h in r.json()["results"])
+        r = client.post(
+            "/knn", json={"text": "a thing", "modality": "text", "k": 3, "columns": ["image_path"]}
+        )
+        assert r.status_code == 200 and r.json()["results"][0]["image_path"].startswith("/data/images/")
+        info = client.get("/indices").json()["indices"][0]
+        assert info["count"] == N and info["modalities"]["image"]["search_params"] == {"efSearch": 40}
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing\nblue\n")
+    query(
+        QueryConfig(index=str(out), output=str(tmp_path / "hits.parquet"), prompts=str(prompts), k=10),
+        encoder=enc,
+    )
+    hits = pq.read_table(tmp_path / "hits.parquet").to_pylist()
+    assert [h["id"] for h in hits if h["query"] == "a red thing"] == expected[0].tolist()

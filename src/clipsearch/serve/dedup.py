@@ -27,6 +27,9 @@ def near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:
             prev = np.concatenate(kept)
             bad |= (block @ prev.T >= threshold).any(axis=1)
         inner = block @ block.T
+        if not (np.triu(inner, 1) >= threshold).any() and not bad.any():  # the common case: no duplicates
+            kept.append(block)
+            continue
         for i in range(len(block)):
             if bad[i]:
                 continue

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from clipsearch.serve.service import ServeState
 
 
-def get_state(request: Request) -> ServeState:
+async def get_state(request: Request) -> ServeState:
     return request.app.state.clipsearch
 
 

@@ -456,6 +456,14 @@ class FilterCache:
         self.hits = 0
         self.misses = 0
 
+    def cached(self, expression: str) -> bool:
+        try:
+            key = str(parse_filter(expression))
+        except FilterError:
+            return True  # fails fast either way
+        with self._lock:
+            return key in self._cache
+
     def get(self, expression: str) -> FilterBitmap:
         key = str(parse_filter(expression))  # canonical: whitespace and keyword case do not matter
         with self._lock:

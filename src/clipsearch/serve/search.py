@@ -40,6 +40,7 @@ from clipsearch.serve.metadata import MetadataTable
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
+_tls = threading.local()
 MMAP_AUTO_BYTES = 1 << 30  # memory-map index files larger than this even when index.json does not ask
 RERANK_FACTOR = 4  # candidates per wanted result when re-ranking quantized results with stored vectors
 
@@ -224,9 +225,10 @@ class ModalityIndex:
     def search(
         self, x: np.ndarray, k: int, p: SearchParams, sel: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self.threads:
+        if self.threads and getattr(_tls, "omp", None) != self.threads:
             # per calling thread (an OpenMP ICV): server request threads search with one thread each
             faiss.omp_set_num_threads(self.threads)
+            _tls.omp = self.threads
         keep: list[Any] = [sel]
         params = build_search_params(self.index, p.merged(self.defaults), sel, keep)
         dist, ids_ = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=params)

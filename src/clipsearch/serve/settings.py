@@ -82,6 +82,8 @@ class ServeSettings:
     encoder_threads: int = 1
     #: OpenMP threads per search call (0 = faiss default); concurrency comes from concurrent requests
     search_threads: int = 1
+    #: run small searches on the event loop (saves two thread hand-offs per request)
+    inline_search: bool = True
     #: serve the web page at /
     web: bool = True
 

@@ -122,6 +122,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(output_folder=out, download=d, embed=e, index=i, serve=s)
 
 
+def config_from_argv(argv: list[str]) -> PipelineConfig:
+    """A PipelineConfig from command-line style options, with the CLI's defaults (used by `demo`)."""
+    parser = argparse.ArgumentParser(prog="clipsearch pipeline", conflict_handler=CONFLICT_HANDLER)
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
 def run(args: argparse.Namespace) -> int:
     pipeline(config_from_args(args))
     return 0

@@ -60,13 +60,10 @@ def build(data_dir: Path, num_images: int, seed: int, host: str, port: int) -> P
     # The URLs name the port the web page will be served on, so the result grid can show the images.
     url_list = data_dir / "urls.parquet"
     _write_url_list(rows, f"http://{host}:{port}", url_list)
-    parser = argparse.ArgumentParser()
-    pl.add_arguments(parser)
-    args = parser.parse_args(
+    cfg = pl.config_from_argv(
         ["--url-list", str(url_list), "--output-folder", str(build_dir), "--caption-col", "caption", "--save-additional-columns",
          "color", "shape", "background"]
     )  # fmt: skip
-    cfg = pl.config_from_args(args)
     with serve_directory(data_dir, host=host, port=port):
         pl.pipeline(cfg)
     return index_dir

@@ -237,31 +237,10 @@ def _carry_over(
     w: writers._Base, old: pa.Table, redo: set[str], cfg: DownloadConfig, tally: stats.ShardTally
 ) -> None:
     """Copy the rows (and stored images) of a finished shard that are not being fetched again."""
-    out, name = cfg.output_folder, w.name
-    img_col = cfg.encode_format if cfg.output_format == "parquet" else None
     kept = [r for r in old.to_pylist() if r["key"] not in redo]
     for r in kept:
         tally.add(r["status"], r.get("error_message"))
-    if cfg.output_format == "parquet":
-        for r in kept:
-            image = r.pop(img_col, None)
-            w.write(writers.Sample(r["key"], r, image))
-        return
-    w.rows.extend(kept)
-    if cfg.output_format == "webdataset":
-        import tarfile
-
-        fs, p = storage.get_fs(storage.join(out, f"{name}.tar"))
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
-                if m.isfile() and m.name.split(".", 1)[0] not in redo:
-                    w._tar.addfile(m, tar.extractfile(m))  # type: ignore[attr-defined]
-    elif cfg.output_format == "tfrecord":
-        fs, p = storage.get_fs(storage.join(out, f"{name}.tfrecord"))
-        with fs.open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                w._tf.f.write(chunk)  # type: ignore[attr-defined]
-    # files: the kept files stay where they are
+    w.carry_over(kept, redo)
 
 
 # ---------------------------------------------------------------- the whole run

@@ -120,6 +120,14 @@ class _Base:
     def _write_image(self, sample: Sample) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
+        """--retry-failed: keep these metadata rows of the previous version of this shard, and its stored
+        images except those of the `redo` keys (which are being fetched again)."""
+        self.rows.extend(rows)
+
+    def _previous(self, suffix: str) -> tuple[Any, str]:
+        return storage.get_fs(storage.join(self.folder, f"{self.name}{suffix}"))
+
     def _finish(self) -> None:
         """Flush format-specific files (before the metadata parquet is written)."""
 
@@ -177,6 +185,14 @@ class WebDatasetWriter(_Base):
         self._add(f"{sample.key}.{self.ext}", sample.image or b"")
         self._add(f"{sample.key}.txt", (sample.meta.get("caption") or "").encode())
         self._add(f"{sample.key}.json", _json_meta(sample.meta))
+
+    def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
+        super().carry_over(rows, redo)
+        fs, p = self._previous(".tar")
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as old:
+            for m in old:
+                if m.isfile() and m.name.split(".", 1)[0] not in redo:
+                    self._tar.addfile(m, old.extractfile(m))
 
     def _finish(self) -> None:
         self._tar.close()
@@ -238,6 +254,11 @@ class ParquetWriter(_Base):
         if len(self.rows) >= self._GROUP:
             self._flush()
 
+    def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
+        for r in rows:
+            image = r.pop(self.ext, None)
+            self.write(Sample(r["key"], r, image))
+
     def _flush(self) -> None:
         if self.rows:
             self._pw.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
@@ -265,6 +286,13 @@ class TFRecordWriter(_Base):
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self._tf = self._open(f"{self.name}.tfrecord")
+
+    def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
+        super().carry_over(rows, redo)
+        fs, p = self._previous(".tfrecord")  # failed rows have no record: copy every one
+        with fs.open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self._tf.f.write(chunk)
 
     def _write_image(self, sample: Sample) -> None:
         feats: dict[str, Any] = {self.ext: sample.image or b"", "txt": sample.meta.get("caption") or ""}

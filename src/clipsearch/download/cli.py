@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="worker processes (shards run in parallel)",
     )
     g.add_argument("--thread-count", default="64", metavar="N", help="concurrent requests per process")
-    g.add_argument("--decode-threads", default="2", metavar="N", help="decode/resize threads per process")
+    g.add_argument("--decode-threads", default="4", metavar="N", help="decode/resize threads per process")
     g.add_argument(
         "--max-connections-per-host", default="32", metavar="N", help="concurrent requests per host"
     )

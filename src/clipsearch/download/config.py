@@ -44,7 +44,7 @@ class DownloadConfig:
     disable_all_reencoding: bool = False
     number_sample_per_shard: int = 10000
     thread_count: int = 64
-    decode_threads: int = 2
+    decode_threads: int = 4
     max_connections_per_host: int = 32
     timeout: float = 10.0
     max_bytes: int = 32 * 1024 * 1024

@@ -425,9 +425,11 @@ def test_imported_index_serves_and_queries(tmp_path, tiny_clip):
     _, expected = raw.search(np.ascontiguousarray(q, dtype=np.float32), 10)
 
     with TestClient(create_app(ServeSettings(indices={"cr": str(out)}), encoder=enc)) as client:
-        r = client.post("/knn", json={"text": "a red thing", "k": 10, "deduplicate": False})
+        r = client.post("/knn", json={"embedding": q[0].tolist(), "k": 10, "deduplicate": False})
         assert r.status_code == 200, r.text
         assert [h["id"] for h in r.json()["results"]] == expected[0].tolist()
+        r = client.post("/knn", json={"text": "a red thing", "k": 10, "deduplicate": False})
+        assert r.status_code == 200 and len(r.json()["results"]) == 10
         assert r.json()["results"][0]["url"] == f"http://img.example/{expected[0][0]}.jpg"
         r = client.post(
             "/knn",
@@ -448,11 +450,12 @@ def test_imported_index_serves_and_queries(tmp_path, tiny_clip):
         info = client.get("/indices").json()["indices"][0]
         assert info["count"] == N and info["modalities"]["image"]["search_params"] == {"efSearch": 40}
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red thing\nblue\n")
+    np.save(tmp_path / "q.npy", np.asarray(q, dtype=np.float32))
     query(
-        QueryConfig(index=str(out), output=str(tmp_path / "hits.parquet"), prompts=str(prompts), k=10),
-        encoder=enc,
+        QueryConfig(
+            index=str(out), output=str(tmp_path / "hits.parquet"), embeddings=str(tmp_path / "q.npy"), k=10
+        )
     )
     hits = pq.read_table(tmp_path / "hits.parquet").to_pylist()
-    assert [h["id"] for h in hits if h["query"] == "a red thing"] == expected[0].tolist()
+    assert [h["id"] for h in hits] == expected[0].tolist()
+    assert hits[0]["url"] == f"http://img.example/{expected[0][0]}.jpg"

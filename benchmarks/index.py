@@ -135,19 +135,24 @@ def worker_ours(data: str, budget: str, out: str, threads: int) -> dict:
     return res
 
 
-def run_tool(tool: str, data: str, budget: str, threads: int, timeout_s: float) -> dict:
+def run_tool(tool: str, data: str, budget: str, threads: int, timeout_s: float, reuse: bool) -> dict:
     py = AUTOFAISS_PY if tool == "autofaiss" else OURS_PY
     out = os.path.join(data, f"out-{tool}-{budget}")
     res_file = out + ".json"
+    if reuse and os.path.exists(res_file):
+        with open(res_file) as f:
+            return json.load(f)
     cmd = [py, os.path.abspath(__file__), data, budget, "--worker", tool, "--threads", str(threads)]
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, env=env, timeout=timeout_s, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "error": f"timed out after {timeout_s:.0f} s"}
+    with open(out + ".log", "w") as log:  # a file, not a pipe: the worker survives its parent
+        try:
+            p = subprocess.run(cmd, env=env, timeout=timeout_s, stdout=log, stderr=subprocess.STDOUT)
+        except subprocess.TimeoutExpired:
+            return {"tool": tool, "error": f"timed out after {timeout_s:.0f} s"}
     if p.returncode != 0:
-        return {"tool": tool, "error": p.stderr[-2000:]}
+        with open(out + ".log") as f:
+            return {"tool": tool, "error": f.read()[-2000:]}
     with open(res_file) as f:
         res = json.load(f)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -179,6 +184,7 @@ def main() -> None:
     ap.add_argument("--timeout-min", type=float, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", choices=["ours", "autofaiss"])
+    ap.add_argument("--reuse", action="store_true", help="take a tool's result file from an earlier run")
     a = ap.parse_args()
     if a.worker:
         out = os.path.join(a.data, f"out-{a.worker}-{a.budget}")
@@ -190,7 +196,7 @@ def main() -> None:
     load = os.getloadavg()
     results = []
     for tool in a.tools.split(","):
-        res = run_tool(tool, a.data, a.budget, a.threads, a.timeout_min * 60)
+        res = run_tool(tool, a.data, a.budget, a.threads, a.timeout_min * 60, a.reuse)
         res["key"] = tool
         res["loadavg_before"] = [round(x, 2) for x in load]
         load = os.getloadavg()

@@ -126,6 +126,7 @@ def scan(
 def train_index(factory: str, d: int, sample: np.ndarray, path: str) -> None:
     faiss = faiss_mod()
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    _tighten_sq4_ranges(index)
     if not index.is_trained:
         t0 = time.perf_counter()
         if len(sample) < 1:
@@ -133,6 +134,24 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str) -> None:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         logger.info("trained %s on %d vectors in %.1f s", factory, len(sample), time.perf_counter() - t0)
     write_index_atomic(index, path)
+
+
+def _tighten_sq4_ranges(index) -> None:
+    """4-bit scalar quantizers: ranges at mean +- 2.5 std instead of min/max. On CLIP-like data this
+    lifts text-query recall@10 of SQ4 from 0.77 to 0.83 (measured, docs/bench-index.md); the trained
+    ranges are stored in the index, so readers need nothing special."""
+    faiss = faiss_mod()
+    stack = [index]
+    while stack:
+        idx = typed(stack.pop())
+        for attr in ("base_index", "refine_index", "index"):
+            sub = getattr(idx, attr, None)
+            if sub is not None and isinstance(sub, faiss.Index):
+                stack.append(sub)
+        sq = getattr(idx, "sq", None)
+        if sq is not None and sq.qtype in (faiss.ScalarQuantizer.QT_4bit,):
+            sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
+            sq.rangestat_arg = 2.5
 
 
 def write_index_atomic(index, path: str) -> None:

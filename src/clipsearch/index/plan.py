@@ -50,8 +50,9 @@ class Plan:
 
 
 def pick_nlist(n: int) -> int:
-    """A power of two near 4*sqrt(n), with at least ~40 vectors per list."""
-    target = 4 * math.sqrt(max(n, 1))
+    """A power of two near 2*sqrt(n), with at least ~40 vectors per list. Few, long lists suit fast-scan
+    and text queries, whose neighbours spread over many lists anyway."""
+    target = 2 * math.sqrt(max(n, 1))
     nlist = 2 ** round(math.log2(max(target, 1)))
     while nlist > 16 and n / nlist < 40:
         nlist //= 2
@@ -73,9 +74,12 @@ def _refine_ladder(d: int) -> list[tuple[str, int]]:
         (",Refine(SQ8)", d),
         (",Refine(SQ6)", (6 * d + 7) // 8),
     ]
-    for m in (d // 2, d // 4):
-        if m >= 1 and d % m == 0:
-            out.append((f",Refine(PQ{m}x8)", m))
+    # SQ4 with ranges at mean +- 2.5 std (set at training) re-ranks about as well as PQ{d/2}x8 on
+    # CLIP-like data and trains in a second instead of minutes
+    out.append((",Refine(SQ4)", (d + 1) // 2))
+    m = d // 4
+    if m >= 1 and d % m == 0 and m <= 64:
+        out.append((f",Refine(PQ{m}x8)", m))
     out.append(("", 0))
     return out
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from clipsearch import storage
 from clipsearch.distribute import distribute
-from clipsearch.errors import InputError, OutputExistsError, UnitFailedError
+from clipsearch.errors import IndexBuildError, InputError, OutputExistsError, UnitFailedError
 from clipsearch.index import build
 from clipsearch.index.config import IndexConfig, format_memory
 from clipsearch.index.plan import Plan, plan_index
@@ -75,158 +75,175 @@ def build_index(cfg: IndexConfig) -> dict:
         logger.info("%s index: %s (%s)", m, p.factory, p.reason)
 
     local = storage.is_local(cfg.index_folder)
+    created = local and not os.path.exists(cfg.index_folder)
     work = cfg.index_folder if local else tempfile.mkdtemp(prefix="clipsearch-index-")
     os.makedirs(os.path.join(work, build.PARTS_DIR), exist_ok=True)
     timings: dict[str, float] = {}
     try:
-        # 1. scan: bad rows, training sample and tuning queries, across all parts
-        t0 = time.perf_counter()
-        sc = build.scan(
-            source, modalities, cfg.max_train_points, cfg.n_tuning_queries, cfg.batch_rows, cfg.seed
-        )
-        timings["scan_s"] = time.perf_counter() - t0
-        n = sum(sc.kept)
-        if n == 0:
-            raise InputError(f"every vector in {cfg.embeddings_folder} is NaN or all-zero")
-        if sc.skipped:
-            logger.warning(
-                "skipped %d of %d samples with a NaN (%d) or all-zero (%d) vector; they are in no index "
-                "and not in metadata.arrow",
-                sc.skipped,
-                n_total,
-                sc.bad["nan"],
-                sc.bad["zero"],
-            )
-        queries = _tuning_queries(sc, modalities, tuning_q)
-        np.savez(
-            os.path.join(work, build.PARTS_DIR, "queries.npz"),
-            **{m: np.concatenate([q["cross"], q["same"]]) for m, q in queries.items()},
-        )
-
-        # 2. train on the sample drawn across all parts
-        t0 = time.perf_counter()
-        for m in modalities:
-            path = os.path.join(work, f"{m}.trained.index")
-            if not (resume and os.path.exists(path)):
-                build.train_index(plans[m].factory, d, sc.train[m], path)
-        sc.train.clear()
-        timings["train_s"] = time.perf_counter() - t0
-
-        # 3. add part by part: the units, possibly distributed
-        t0 = time.perf_counter()
-        offsets = np.concatenate([[0], np.cumsum(sc.kept)[:-1]]).astype(int)
-        units = [
-            build.PartUnit(
-                name=p.name,
-                part=p,
-                source=source,
-                modalities=modalities,
-                kinds=tuple(plans[m].kind for m in modalities),
-                id_offset=int(off),
-                work_dir=work,
-                batch_rows=cfg.batch_rows,
-                threads=max(1, cfg.threads // max(1, cfg.distributor.processes)),
-            )
-            for p, off in zip(source.parts, offsets, strict=True)
-        ]
-        results = distribute(build.run_part, units, cfg.distributor, _progress(len(units), cfg.progress))
-        failed = [r for r in results if not r.ok]
-        if failed:
-            for r in failed:
-                logger.error("part %s failed: %s\n%s", r.unit, r.error, r.extra.get("traceback", ""))
-            raise UnitFailedError(f"{len(failed)} part(s) failed, first: {failed[0].unit}: {failed[0].error}")
-        timings["add_s"] = time.perf_counter() - t0
-
-        # 4. merge (the reduce), 5. tune
-        names = [p.name for p in source.parts]
-        indices: dict[str, dict] = {}
-        for m in modalities:
-            t0 = time.perf_counter()
-            out = os.path.join(work, f"{m}.index")
-            if plans[m].kind == "ivf":
-                _, mmap = build.merge_ivf(work, names, m, n, out)
-            else:
-                build.fill_sequential(source, m, modalities, work, out, cfg.batch_rows)
-                mmap = False
-            timings[f"merge_{m}_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            gt = build.merge_ground_truth(work, names, m)
-            n_cross = len(queries[m]["cross"])
-            gts = {"cross": gt[:n_cross], "same": gt[n_cross:]}
-            index = build.read_index(out, mmap)
-            tuned = tune(index, plans[m].kind, queries[m], gts, cfg.max_index_query_time_ms, cfg.min_recall)
-            timings[f"tune_{m}_s"] = time.perf_counter() - t0
-            size = os.path.getsize(out)
-            if mmap:
-                size += os.path.getsize(out[: -len(".index")] + ".ivfdata")
-            indices[m] = {
-                "file": f"{m}.index",
-                "factory": plans[m].factory,
-                "reason": plans[m].reason,
-                "search_params": tuned.search_params,
-                "mmap": bool(mmap),
-                "memory_bytes": int(size),
-                "count": int(index.ntotal),
-                "trained_file": f"{m}.trained.index",
-                "tuning": {
-                    "reason": tuned.reason,
-                    "queries_text_like": n_cross,
-                    "queries_same_modality": len(queries[m]["same"]),
-                    "text_like_source": queries[m]["cross_source"],
-                },
-                "curve": tuned.curve,
-            }
-            if mmap:
-                indices[m]["ivfdata"] = f"{m}.ivfdata"
-            del index
-            logger.info("%s index: %s, %s, %s", m, plans[m].factory, format_memory(size), tuned.search_params)
-
-        # 6. metadata, then index.json last
-        from clipsearch.index.metadata import write_metadata
-
-        t0 = time.perf_counter()
-        bad_rows = (
-            _bad_rows(source, modalities, cfg.batch_rows)
-            if sc.skipped
-            else [np.zeros(0, np.int64) for _ in source.parts]
-        )
-        rows = write_metadata(
-            source, cfg.input_format, bad_rows, os.path.join(work, "metadata.arrow"), cfg.batch_rows
-        )
-        if rows != n:
-            raise InputError(f"metadata.arrow has {rows} rows but the indices hold {n} vectors")
-        timings["metadata_s"] = time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - t_start
-        info = {
-            "format": "clipsearch.index",
-            "version": 1,
-            "model": source.model,
-            "dim": d,
-            "metric": "inner_product",
-            "count": n,
-            "skipped": {"nan": sc.bad["nan"], "zero": sc.bad["zero"], "samples": sc.skipped},
-            "input": {
-                "folder": cfg.embeddings_folder,
-                "format": cfg.input_format,
-                "parts": len(source.parts),
-            },
-            "budget": {
-                "max_index_memory_usage": cfg.budget_bytes,
-                "max_index_query_time_ms": cfg.max_index_query_time_ms,
-                "min_recall": cfg.min_recall,
-            },
-            "timings": {k: round(v, 2) for k, v in timings.items()},
-            "indices": indices,
-        }
-        build.cleanup_parts(work)
-        storage.write_json_atomic(os.path.join(work, "index.json"), info)
-        if not local:
-            _upload(work, cfg.index_folder)
-        logger.info("index built: %d vectors in %.1f s -> %s", n, timings["total_s"], cfg.index_folder)
-        return info
+        return _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start)
+    except (InputError, IndexBuildError):
+        # bad input found while scanning: leave nothing behind (a crash keeps .parts to resume)
+        if not resume:
+            build.cleanup_parts(work)
+            for m in modalities:
+                p = os.path.join(work, f"{m}.trained.index")
+                if os.path.exists(p):
+                    os.remove(p)
+            if created and not os.listdir(work):
+                os.rmdir(work)
+        raise
     finally:
         if not local:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) -> dict:
+    n_total = source.total_rows
+    d = source.dim
+    modalities = source.modalities
+    # 1. scan: bad rows, training sample and tuning queries, across all parts
+    t0 = time.perf_counter()
+    sc = build.scan(source, modalities, cfg.max_train_points, cfg.n_tuning_queries, cfg.batch_rows, cfg.seed)
+    timings["scan_s"] = time.perf_counter() - t0
+    n = sum(sc.kept)
+    if n == 0:
+        raise InputError(f"every vector in {cfg.embeddings_folder} is NaN or all-zero")
+    if sc.skipped:
+        logger.warning(
+            "skipped %d of %d samples with a NaN (%d) or all-zero (%d) vector; they are in no index "
+            "and not in metadata.arrow",
+            sc.skipped,
+            n_total,
+            sc.bad["nan"],
+            sc.bad["zero"],
+        )
+    queries = _tuning_queries(sc, modalities, tuning_q)
+    np.savez(
+        os.path.join(work, build.PARTS_DIR, "queries.npz"),
+        **{m: np.concatenate([q["cross"], q["same"]]) for m, q in queries.items()},
+    )
+
+    # 2. train on the sample drawn across all parts
+    t0 = time.perf_counter()
+    for m in modalities:
+        path = os.path.join(work, f"{m}.trained.index")
+        if not (resume and os.path.exists(path)):
+            build.train_index(plans[m].factory, d, sc.train[m], path)
+    sc.train.clear()
+    timings["train_s"] = time.perf_counter() - t0
+
+    # 3. add part by part: the units, possibly distributed
+    t0 = time.perf_counter()
+    offsets = np.concatenate([[0], np.cumsum(sc.kept)[:-1]]).astype(int)
+    units = [
+        build.PartUnit(
+            name=p.name,
+            part=p,
+            source=source,
+            modalities=modalities,
+            kinds=tuple(plans[m].kind for m in modalities),
+            id_offset=int(off),
+            work_dir=work,
+            batch_rows=cfg.batch_rows,
+            threads=max(1, cfg.threads // max(1, cfg.distributor.processes)),
+        )
+        for p, off in zip(source.parts, offsets, strict=True)
+    ]
+    results = distribute(build.run_part, units, cfg.distributor, _progress(len(units), cfg.progress))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        for r in failed:
+            logger.error("part %s failed: %s\n%s", r.unit, r.error, r.extra.get("traceback", ""))
+        raise UnitFailedError(f"{len(failed)} part(s) failed, first: {failed[0].unit}: {failed[0].error}")
+    timings["add_s"] = time.perf_counter() - t0
+
+    # 4. merge (the reduce), 5. tune
+    names = [p.name for p in source.parts]
+    indices: dict[str, dict] = {}
+    for m in modalities:
+        t0 = time.perf_counter()
+        out = os.path.join(work, f"{m}.index")
+        if plans[m].kind == "ivf":
+            _, mmap = build.merge_ivf(work, names, m, n, out)
+        else:
+            build.fill_sequential(source, m, modalities, work, out, cfg.batch_rows)
+            mmap = False
+        timings[f"merge_{m}_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gt = build.merge_ground_truth(work, names, m)
+        n_cross = len(queries[m]["cross"])
+        gts = {"cross": gt[:n_cross], "same": gt[n_cross:]}
+        index = build.read_index(out, mmap)
+        tuned = tune(index, plans[m].kind, queries[m], gts, cfg.max_index_query_time_ms, cfg.min_recall)
+        timings[f"tune_{m}_s"] = time.perf_counter() - t0
+        size = os.path.getsize(out)
+        if mmap:
+            size += os.path.getsize(out[: -len(".index")] + ".ivfdata")
+        indices[m] = {
+            "file": f"{m}.index",
+            "factory": plans[m].factory,
+            "reason": plans[m].reason,
+            "search_params": tuned.search_params,
+            "mmap": bool(mmap),
+            "memory_bytes": int(size),
+            "count": int(index.ntotal),
+            "trained_file": f"{m}.trained.index",
+            "tuning": {
+                "reason": tuned.reason,
+                "queries_text_like": n_cross,
+                "queries_same_modality": len(queries[m]["same"]),
+                "text_like_source": queries[m]["cross_source"],
+            },
+            "curve": tuned.curve,
+        }
+        if mmap:
+            indices[m]["ivfdata"] = f"{m}.ivfdata"
+        del index
+        logger.info("%s index: %s, %s, %s", m, plans[m].factory, format_memory(size), tuned.search_params)
+
+    # 6. metadata, then index.json last
+    from clipsearch.index.metadata import write_metadata
+
+    t0 = time.perf_counter()
+    bad_rows = (
+        _bad_rows(source, modalities, cfg.batch_rows)
+        if sc.skipped
+        else [np.zeros(0, np.int64) for _ in source.parts]
+    )
+    rows = write_metadata(
+        source, cfg.input_format, bad_rows, os.path.join(work, "metadata.arrow"), cfg.batch_rows
+    )
+    if rows != n:
+        raise InputError(f"metadata.arrow has {rows} rows but the indices hold {n} vectors")
+    timings["metadata_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    info = {
+        "format": "clipsearch.index",
+        "version": 1,
+        "model": source.model,
+        "dim": d,
+        "metric": "inner_product",
+        "count": n,
+        "skipped": {"nan": sc.bad["nan"], "zero": sc.bad["zero"], "samples": sc.skipped},
+        "input": {
+            "folder": cfg.embeddings_folder,
+            "format": cfg.input_format,
+            "parts": len(source.parts),
+        },
+        "budget": {
+            "max_index_memory_usage": cfg.budget_bytes,
+            "max_index_query_time_ms": cfg.max_index_query_time_ms,
+            "min_recall": cfg.min_recall,
+        },
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "indices": indices,
+    }
+    build.cleanup_parts(work)
+    storage.write_json_atomic(os.path.join(work, "index.json"), info)
+    if not local:
+        _upload(work, cfg.index_folder)
+    logger.info("index built: %d vectors in %.1f s -> %s", n, timings["total_s"], cfg.index_folder)
+    return info
 
 
 def _tuning_queries(sc, modalities, tuning_q) -> dict[str, dict]:

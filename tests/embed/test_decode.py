@@ -46,3 +46,25 @@ def test_pool_survives_a_crashing_decoder() -> None:
         assert ok == [0, 1] and arr.shape == (2, 32, 32, 3)
     finally:
         pool.shutdown()
+
+
+def test_precision_tuner_keeps_bf16_only_when_faster(monkeypatch) -> None:
+    import types
+
+    from clipsearch.embed import runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    for bf16_speedup, want in ((2.0, "bf16"), (1.05, "fp32")):
+        enc = types.SimpleNamespace(precision="fp32", precision_probe={}, tune_precision=True)
+        tuner = runner.PrecisionTuner(enc)
+        used = []
+        while tuner.active:
+            t0 = tuner.start()
+            used.append(enc.precision)
+            clock[0] += 1.0 / bf16_speedup if enc.precision == "bf16" else 1.0
+            tuner.stop(t0, 10)
+        assert used == ["fp32", "bf16", "bf16", "fp32"]
+        assert (
+            enc.precision == want and not enc.tune_precision and set(enc.precision_probe) == {"fp32", "bf16"}
+        )

@@ -19,6 +19,7 @@ import functools
 import logging
 import multiprocessing as mp
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -154,42 +155,57 @@ def cached_encoder(model: str, device: str, precision: str, compile: bool) -> An
     from clipsearch.embed.models import load_clip
 
     enc = load_clip(model, device=device, precision=precision, compile=compile)
-    if precision == "auto" and device == "cpu":
-        enc.precision, enc.precision_probe = probe_cpu_precision(enc)
+    # on CPU, `auto` is decided by timing the first batches (PrecisionTuner)
+    enc.tune_precision = precision == "auto" and device == "cpu" and enc.n_params >= PRECISION_TUNE_MIN_PARAMS
+    if enc.tune_precision:
+        enc.precision = "fp32"
     return enc
 
 
-def probe_cpu_precision(enc: Any, batch: int = 8, rounds: int = 2) -> tuple[str, dict[str, float]]:
-    """On CPU, `auto` precision is measured, not assumed: time the image tower in fp32 and under bf16
-    autocast (alternating, best of `rounds`) and keep bf16 only if it is >10% faster.
+PRECISION_TUNE_MIN_PARAMS = 20_000_000  # smaller models: fp32, the difference would be lost in overheads
 
-    Whether bf16 pays depends on the CPU (AMX, avx512_bf16), the torch build and the load: docs/bench-embed.md
-    has both outcomes on the same machine kind. Small models skip the probe and stay fp32.
+
+class PrecisionTuner:
+    """`--precision auto` on CPU is measured on the real work, not assumed.
+
+    The first four batches run fp32, bf16, bf16, fp32 (ABBA, so drift in the machine's load cancels) and are
+    timed per sample; bf16 autocast is kept only if it is >10% faster. No compute is spent on probing, and a
+    batch's embeddings are valid either way (bf16 vs fp32 cosine > 0.99). Whether bf16 pays depends on the
+    CPU (AMX, avx512_bf16), the torch build and the load: docs/bench-embed.md has measurements.
     """
-    import torch
 
-    if enc.n_params < 20_000_000:
-        return "fp32", {}
-    h, w = enc.preprocessor.output_hw
-    pix = torch.randn((batch, 3, h, w), generator=torch.Generator().manual_seed(0))
-    best: dict[str, float] = {}
-    try:
-        for prec in ("fp32", "bf16"):  # warm-up: first calls pay one-off kernel selection
-            enc.precision = prec
-            enc.image_features(pix[:2])
-        for r in range(rounds):
-            for prec in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
-                enc.precision = prec
-                t0 = time.perf_counter()
-                enc.image_features(pix)
-                best[prec] = max(best.get(prec, 0.0), batch / (time.perf_counter() - t0))
-    except Exception as e:  # bf16 autocast unsupported here: fp32 it is
-        logger.debug("bf16 probe failed: %s", e)
-        return "fp32", best
-    choice = "bf16" if best.get("bf16", 0.0) > 1.1 * best.get("fp32", 0.0) else "fp32"
-    rates = {k: round(v, 2) for k, v in best.items()}
-    logger.info("precision auto on CPU: %s (images/s measured: %s)", choice, rates)
-    return choice, rates
+    SCHEDULE = ("fp32", "bf16", "bf16", "fp32")
+
+    def __init__(self, enc: Any):
+        self.enc = enc
+        self.i = 0
+        self.secs: dict[str, float] = {"fp32": 0.0, "bf16": 0.0}
+        self.samples: dict[str, int] = {"fp32": 0, "bf16": 0}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.enc.tune_precision) and self.i < len(self.SCHEDULE)
+
+    def start(self) -> float:
+        self.enc.precision = self.SCHEDULE[self.i]
+        return time.perf_counter()
+
+    def stop(self, t0: float, n: int) -> None:
+        prec = self.SCHEDULE[self.i]
+        self.secs[prec] += time.perf_counter() - t0
+        self.samples[prec] += n
+        self.i += 1
+        if self.i == len(self.SCHEDULE):
+            rates = {p: round(self.samples[p] / self.secs[p], 2) for p in self.secs if self.secs[p] > 0}
+            choice = "bf16" if rates.get("bf16", 0.0) > 1.1 * rates.get("fp32", 0.0) else "fp32"
+            self.enc.precision, self.enc.precision_probe = choice, rates
+            self.enc.tune_precision = False
+            logger.info("precision auto on CPU: %s (samples/s measured: %s)", choice, rates)
+
+    def abandon(self) -> None:
+        """The part ended before a decision: back to fp32; the next part tries again."""
+        if self.enc.tune_precision:
+            self.enc.precision = "fp32"
 
 
 class DecodePool:
@@ -208,7 +224,10 @@ class DecodePool:
         atexit.register(self.shutdown)
 
     def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.n, mp_context=mp.get_context("spawn"))
+        ex = ProcessPoolExecutor(max_workers=self.n, mp_context=mp.get_context("spawn"))
+        for _ in range(self.n):  # start the workers now: they boot while the model loads
+            ex.submit(int)
+        return ex
 
     def submit(self, pp: ImagePreprocessor, images: list[bytes | None]) -> Future:
         with self._lock:
@@ -334,6 +353,9 @@ def _producer(
         put(_Failed(e))
 
 
+_ADDRESS = re.compile(r" ?<[^>]* at 0x[0-9a-f]+>")  # "<_io.BytesIO object at 0x7f..>": same error, one entry
+
+
 def _row(s: readers.RawSample) -> dict[str, Any]:
     row: dict[str, Any] = {"key": s.key, "url": s.meta.get("url"), "caption": s.caption}
     for k, v in s.meta.items():
@@ -361,12 +383,14 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
     workers = cfg.resolved_workers(device)
     pp = enc.preprocessor if cfg.enable_image else None
     pool = _decode_pool(workers) if (workers > 0 and pp is not None) else None
+    tuner = PrecisionTuner(enc) if getattr(enc, "tune_precision", False) else None
 
     counts = readers.ReadCounts()
     for k, v in unit.extra_counts:
         counts.counts[k] += v
     errors: Counter[str] = Counter()
-    q: queue.Queue = queue.Queue(maxsize=max(2, 2 * workers + 1))
+    # enough batches in flight to keep every decode worker busy, and no more (decoded batches cost memory)
+    q: queue.Queue = queue.Queue(maxsize=workers + 2)
     stop = threading.Event()
     reader = threading.Thread(
         target=_producer,
@@ -399,25 +423,30 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
                 raise item.error
             fut, batch, images = item
             seen += len(batch)
+            pix = None
             if fut is not None:
                 arr, ok, bad = pool.decode(pp, images, fut) if pool is not None else fut.result()  # type: ignore[arg-type]
                 del images
                 for i, msg in bad:
                     counts.add("corrupt_images", batch[i].key)
-                    errors[msg.split(":", 1)[0] if ":" in msg else msg] += 1
+                    errors[_ADDRESS.sub("", msg)[:80]] += 1
                 good = [batch[i] for i in ok]
                 if good:
                     pix = torch.from_numpy(arr)
                     if cuda:
                         pix = pix.pin_memory()
-                    img_chunks.append(enc.image_features(pix).to(torch.float16))
             else:
                 good = batch
             if not good:
                 bar.update(len(batch))
                 continue
+            t_tune = tuner.start() if tuner is not None and tuner.active else None
+            if pix is not None:
+                img_chunks.append(enc.image_features(pix).to(torch.float16))
             if cfg.enable_text:
                 txt_chunks.append(enc.text_features([s.caption or "" for s in good]).to(torch.float16))
+            if t_tune is not None:
+                tuner.stop(t_tune, len(good))  # type: ignore[union-attr]
             for s in good:
                 if s.caption is None:
                     counts.add("missing_captions", s.key)
@@ -426,6 +455,8 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
     finally:
         stop.set()
         bar.close()
+        if tuner is not None:
+            tuner.abandon()
         reader.join(timeout=10)
 
     def stack(chunks: list[torch.Tensor]) -> Any:
@@ -492,6 +523,9 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     from clipsearch.embed.models import load_clip
 
     if cfg.distributor.processes == 1 and cfg.distributor.distributor == "local":
+        workers = cfg.resolved_workers(_unit_device(cfg))
+        if workers > 0 and cfg.enable_image:
+            _decode_pool(workers)  # decode workers start now, while the model loads
         enc = cached_encoder(cfg.clip_model, _unit_device(cfg), cfg.precision, cfg.compile)
     else:
         enc = load_clip(cfg.clip_model, device="cpu", precision="fp32")

@@ -459,3 +459,21 @@ def test_imported_index_serves_and_queries(tmp_path, tiny_clip):
     hits = pq.read_table(tmp_path / "hits.parquet").to_pylist()
     assert [h["id"] for h in hits] == expected[0].tolist()
     assert hits[0]["url"] == f"http://img.example/{expected[0][0]}.jpg"
+
+
+def test_remote_destination(tmp_path, tiny_clip):
+    """An fsspec destination is staged locally and uploaded, index.json last; the searcher reads it back."""
+    src = make_autofaiss(tmp_path / "hub", factory="Flat", param=None)
+    fs = fsspec.filesystem("memory")
+    info = import_index(
+        ImportConfig(str(src), "memory://imported/index", clip_model=tiny_clip, progress=False)
+    )
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/imported/index", detail=False)) == [
+        "image.index",
+        "index.json",
+        "metadata.arrow",
+    ]
+    assert json.loads(fs.cat("/imported/index/index.json")) == json.loads(json.dumps(info))
+    s = IndexSearcher("memory://imported/index", cache_dir=str(tmp_path))
+    assert_same(s, "image", src / "faiss", queries())
+    fs.rm("/imported", recursive=True)

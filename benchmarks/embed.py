@@ -8,11 +8,13 @@ venv's python; same compute as the real model), then runs, alternating:
   - clip-retrieval inference (its own venv: --cr-python), hf_clip:MODEL, webdataset input;
   - clipsearch embed (this repo's venv), the same model and shards;
 and measures, in a fresh process, the model-only ceiling: our loaded model on pre-made pixel tensors and
-pre-read captions (image + text towers, the same batch size and threads), plus a bf16-vs-fp32 probe.
+pre-read captions (image + text towers, the same batch size and threads, on min(N, 128) samples), in fp32
+and under bf16 autocast; ours is compared with the ceiling at the precision it chose.
 It also times `clipsearch embed` with the shipped tiny model when it is there.
-Figures: samples/s for the whole command (wall time, model load included) and steady samples/s (ours:
-from the part stats; clip-retrieval: wall time less its start-up, estimated from a run on 0 images is
-not possible, so the steady figure is read from its log when it prints one). Load averages are recorded.
+Figures: samples/s for the whole command (wall time, imports and model load included), and for ours also
+steady samples/s from the part stats (clip-retrieval's own log rounds its rate to integers, so only its
+whole-command figure is used). Load averages are recorded with each run: on a shared machine, compare
+figures taken in the same run.
 """
 
 from __future__ import annotations
@@ -101,34 +103,28 @@ def ceiling_main(model: str, shards: str, n: int, batch: int, threads: int, prob
         with tarfile.open(t) as tar:
             caps += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]  # type: ignore[union-attr]
     h, w = enc.preprocessor.output_hw
-    g = torch.Generator().manual_seed(0)
-    pix = torch.randn((batch, 3, h, w), generator=g)
-    enc.image_features(pix[:8])  # warm-up
-    enc.text_features(caps[:8])
-    t_img = t_txt = 0.0
-    done = 0
-    while done < n:
-        k = min(batch, n - done)
-        t0 = time.perf_counter()
-        enc.image_features(pix[:k])
-        t1 = time.perf_counter()
-        enc.text_features(caps[done : done + k] or ["x"] * k)
-        t_txt += time.perf_counter() - t1
-        t_img += t1 - t0
-        done += k
-    res = {
-        "image_and_text_per_s": round(n / (t_img + t_txt), 2),
-        "image_only_per_s": round(n / t_img, 2),
-        "text_share": round(t_txt / (t_img + t_txt), 3),
-    }
-    if probe:
-        for prec in ("fp32", "bf16"):
-            enc.precision = prec
-            enc.image_features(pix[:8])
+    pix = torch.randn((batch, 3, h, w), generator=torch.Generator().manual_seed(0))
+    res: dict = {"images": n}
+    for prec in ("fp32", "bf16") if probe else ("fp32",):
+        enc.precision = prec
+        enc.image_features(pix[:8])  # warm-up
+        enc.text_features(caps[:8])
+        t_img = t_txt = 0.0
+        done = 0
+        while done < n:
+            k = min(batch, n - done)
             t0 = time.perf_counter()
-            for _ in range(2):
-                enc.image_features(pix)
-            res[f"probe_{prec}_image_per_s"] = round(2 * batch / (time.perf_counter() - t0), 2)
+            enc.image_features(pix[:k])
+            t1 = time.perf_counter()
+            enc.text_features(caps[done : done + k] or ["x"] * k)
+            t_txt += time.perf_counter() - t1
+            t_img += t1 - t0
+            done += k
+        res[prec] = {
+            "image_and_text_per_s": round(n / (t_img + t_txt), 2),
+            "image_only_per_s": round(n / t_img, 2),
+            "text_share": round(t_txt / (t_img + t_txt), 3),
+        }
     print("CEILING " + json.dumps(res))
 
 
@@ -253,6 +249,8 @@ def main() -> int:
                 rows = sum(p["rows"] for p in parts)
                 res["rows"] = rows
                 res["steady_samples_per_s"] = round(rows / sum(p["duration_s"] for p in parts), 2)
+                res["precision"] = parts[0].get("precision")
+                res["precision_probe"] = parts[0].get("precision_probe")
             else:
                 import numpy as np
 
@@ -300,7 +298,7 @@ def main() -> int:
             "--_ceiling",
             str(model),
             str(shards),
-            str(a.n),
+            str(min(a.n, 128)),
             str(a.batch_size),
             threads,
             "1",
@@ -334,7 +332,13 @@ def main() -> int:
     ours_s, ref_s = summary["clipsearch_samples_per_s"], summary["clip_retrieval_samples_per_s"]
     if ours_s and ref_s:
         summary["ratio_vs_clip_retrieval"] = round(ours_s / ref_s, 2)
-    steady, ceil = summary["clipsearch_steady_samples_per_s"], ceiling.get("image_and_text_per_s")
+    precs = [r.get("precision") for r in results["clipsearch"] if r.get("precision")]
+    prec = precs[0] if precs else "fp32"
+    summary["clipsearch_precision"] = prec
+    ceil = ceiling.get(prec, {}).get("image_and_text_per_s")
+    summary["ceiling_same_precision"] = ceil
+    summary["ceiling_fp32"] = ceiling.get("fp32", {}).get("image_and_text_per_s")
+    steady = summary["clipsearch_steady_samples_per_s"]
     if steady and ceil:
         summary["steady_pct_of_ceiling"] = round(100 * steady / ceil, 1)
     if ours_s and ceil:

@@ -453,6 +453,7 @@ class FilterCache:
         self.n = n
         self._cache: OrderedDict[str, FilterBitmap] = OrderedDict()
         self._lock = threading.Lock()
+        self._flights: dict[str, threading.Lock] = {}
         self.hits = 0
         self.misses = 0
 
@@ -472,7 +473,18 @@ class FilterCache:
                 self._cache.move_to_end(key)
                 self.hits += 1
                 return bm
-        bm = compute_bitmap(expression, self.table, self.n)
+        with self._lock:  # one computation per expression, however many requests ask at once
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:
+            with self._lock:
+                bm = self._cache.get(key)
+            if bm is not None:
+                return bm
+            try:
+                bm = compute_bitmap(expression, self.table, self.n)
+            finally:
+                with self._lock:
+                    self._flights.pop(key, None)
         with self._lock:
             self.misses += 1
             self._cache[key] = bm

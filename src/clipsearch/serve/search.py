@@ -332,6 +332,7 @@ class IndexSearcher:
         self._subset_bytes = 0
         self._subset_budget = subset_cache_bytes
         self._subset_lock = threading.Lock()
+        self._subset_flights: dict[tuple[str, str], threading.Lock] = {}
         logger.info(
             "opened index %s (%s): %d rows, dim %d, %s",
             self.name,
@@ -454,6 +455,20 @@ class IndexSearcher:
             if v is not None:
                 self._subset_cache.move_to_end(key)
                 return v
+            flight = self._subset_flights.setdefault(key, threading.Lock())
+        with flight:  # concurrent requests with a new filter gather its vectors once
+            with self._subset_lock:
+                v = self._subset_cache.get(key)
+            if v is not None:
+                return v
+            try:
+                v = self._gather_subset(mi, bm, key)
+            finally:
+                with self._subset_lock:
+                    self._subset_flights.pop(key, None)
+        return v
+
+    def _gather_subset(self, mi: ModalityIndex, bm: FilterBitmap, key: tuple[str, str]) -> np.ndarray:
         v = mi.vectors_for(bm.ids)
         nbytes = v.nbytes
         if nbytes <= self._subset_budget // 2:

@@ -96,6 +96,7 @@ class ServeState:
             max_wait_ms=settings.batch_wait_ms,
             cache_size=settings.text_cache_size,
             on_batch=self._on_batch,
+            workers=settings.encoder_workers,
         )
         self.safety = SafetyFilter(
             encoder, settings.unsafe_prompts, settings.safe_prompts, settings.safety_threshold

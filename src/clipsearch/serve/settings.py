@@ -79,7 +79,8 @@ class ServeSettings:
     batch_max_size: int = 64
     batch_wait_ms: float = 0.0
     text_cache_size: int = 4096
-    encoder_threads: int = 1
+    encoder_threads: int = 1  # torch threads per encode call
+    encoder_workers: int = 2  # encode batches in flight at once
     #: OpenMP threads per search call (0 = faiss default); concurrency comes from concurrent requests
     search_threads: int = 1
     #: run small searches on the event loop (saves two thread hand-offs per request)
@@ -120,6 +121,7 @@ class ServeSettings:
             "filter_cache_size",
             "text_cache_size",
             "encoder_threads",
+            "encoder_workers",
         )
         for name in positive:
             if getattr(self, name) < 1:

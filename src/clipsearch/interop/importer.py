@@ -348,8 +348,8 @@ def import_index(cfg: ImportConfig) -> dict[str, Any]:
     plan = detect(cfg)
     headers, dim, ntotal = _check_headers(plan)
     model = _resolve_model(cfg, plan)
+    plan.metadata.validate(ntotal)  # before the model: loading one can take a while
     encoder = check_model(model, dim, plan.source, cfg.device)
-    plan.metadata.validate(ntotal)
     logger.info(
         "importing %s (%s): %s, %d vectors of dim %d, model %s",
         plan.source,

@@ -294,6 +294,10 @@ def main() -> int:
                 a = [(int(r["id"]), float(r["similarity"])) for r in rb]
                 b = [(int(r["id"]), float(r["similarity"])) for r in rc["results"]]
                 c = compare(a, b, args.tol)
+                # the metadata row of each id must be the same on both sides (row i = faiss id i)
+                meta_b = {int(r["id"]): (r.get("url"), r.get("caption")) for r in rb}
+                meta_c = {int(r["id"]): (r.get("url"), r.get("caption")) for r in rc["results"]}
+                c["metadata_same"] = all(meta_b[i] == meta_c[i] for i in meta_b.keys() & meta_c.keys())
                 c.update(query=q, modality=modality, back=[i for i, _ in a], clipsearch=[i for i, _ in b])
                 per.append(c)
         n = len(per)
@@ -306,6 +310,7 @@ def main() -> int:
             "mean_overlap_at_10": sum(c["overlap"] for c in per) / n,
             "max_similarity_diff": max(c["max_sim_diff"] for c in per),
             "max_tie_gap": max(c["tie_gap"] for c in per),
+            "metadata_agreement": sum(c["metadata_same"] for c in per) / n,
             "factory": {m: e["factory"] for m, e in info["indices"].items()},
             "search_params": {m: e["search_params"] for m, e in info["indices"].items()},
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -324,7 +329,7 @@ def main() -> int:
         print("DISAGREE", c["modality"], repr(c["query"]), c["back"], c["clipsearch"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0 if results and results["agreement"] == 1.0 else 1
+    return 0 if results and results["agreement"] == 1.0 and results["metadata_agreement"] == 1.0 else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 What it does, in one run (everything on 127.0.0.1; every loop is bounded in time and stops by itself):
  1. Generates N CLIP-like clustered embeddings (as shared/bench/make_embeddings.py does), for the tiny
     model's dimension and, for the reference comparison, for 512 (ViT-B/32), and writes `index/` folders per
-    docs/formats.md: image.index (`IVF2048,SQ8`, nprobe 16), image.vectors.npy (float16),
+    docs/formats.md: image.index (`IVF1024,SQ8`, nprobe 16), image.vectors.npy (float16),
     metadata.arrow (url, caption, bucket = i % 1000 -> 0.1 %, shard = i % 100 -> 1 %), index.json.
  2. Serves the tiny index with `clipsearch serve` (tiny model text encoding included) and load-tests
     POST /knn with unique text prompts at k=10 from a concurrent keep-alive client: QPS, p50, p99, and the
@@ -70,7 +70,7 @@ def prompts(n: int, seed: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- data + index
-def make_index(folder: Path, n: int, d: int, model: str, seed: int = 1) -> dict:
+def make_index(folder: Path, n: int, d: int, model: str, seed: int = 1, nlist: int = 1024) -> dict:
     import faiss
     import pyarrow as pa
 
@@ -91,26 +91,41 @@ def make_index(folder: Path, n: int, d: int, model: str, seed: int = 1) -> dict:
         vecs[s : s + m] = x.astype(np.float16)
     vecs.flush()
     # SQ8 rather than PQ fast-scan: clip-retrieval's back calls search_and_reconstruct, which fast-scan lacks
-    factory = "IVF2048,SQ8"
+    factory = f"IVF{nlist},SQ8"
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    train = np.asarray(vecs[rng.choice(n, min(n, 100_000), replace=False)], dtype=np.float32)
+    faiss.omp_set_num_threads(1)  # OpenMP spin-waits badly on a shared 2-core machine
+    train = np.asarray(vecs[np.sort(rng.choice(n, min(n, 60_000), replace=False))], dtype=np.float32)
     index.train(train)
     for s in range(0, n, step):
         index.add(np.asarray(vecs[s : s + step], dtype=np.float32))
     faiss.write_index(index, str(folder / "image.index"))
-    ids = np.arange(n)
-    meta = pa.table(
-        {
-            "key": pa.array([f"{i:09d}" for i in ids]),
-            "url": pa.array([f"http://images.invalid/{i}.jpg" for i in ids]),
-            "caption": pa.array([f"caption {i}" for i in ids]),
-            "bucket": pa.array(ids % 1000, pa.int64()),
-            "shard": pa.array(ids % 100, pa.int64()),
-        }
+    import pyarrow.compute as pc
+
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("bucket", pa.int64()),
+            ("shard", pa.int64()),
+        ]
     )
-    with pa.OSFile(str(folder / "metadata.arrow"), "wb") as f, pa.ipc.new_file(f, meta.schema) as w:
-        for b in meta.to_batches(max_chunksize=65536):
-            w.write_batch(b)
+    with pa.OSFile(str(folder / "metadata.arrow"), "wb") as f, pa.ipc.new_file(f, schema) as w:
+        for s0 in range(0, n, 65536):  # built with arrow compute, one batch at a time (10M rows stay cheap)
+            ids = np.arange(s0, min(n, s0 + 65536))
+            sid = pa.array(ids).cast(pa.string())
+            w.write_batch(
+                pa.record_batch(
+                    [
+                        pc.utf8_lpad(sid, 9, "0"),
+                        pc.binary_join_element_wise("http://images.invalid/", sid, ".jpg", ""),
+                        pc.binary_join_element_wise("caption ", sid, ""),
+                        pa.array(ids % 1000, pa.int64()),
+                        pa.array(ids % 100, pa.int64()),
+                    ],
+                    schema=schema,
+                )
+            )
     # clip-retrieval's back reads metadata/*.arrow (use_arrow) next to image.index
     (folder / "metadata").mkdir(exist_ok=True)
     link = folder / "metadata" / "0.arrow"
@@ -393,6 +408,38 @@ def bench_tiny(folder: Path, work: Path, a: argparse.Namespace) -> dict:
     return out
 
 
+def bench_memory(work: Path, a: argparse.Namespace, d: int) -> dict:
+    """RSS of a server over a big index, against the same server over a tiny one (= code + model)."""
+    small = work / f"index-2000-{d}"
+    make_index(small, 2000, d, a.tiny_model, nlist=16)
+    big = work / f"index-{a.n_mem}-{d}"
+    t = time.time()
+    make_index(big, a.n_mem, d, a.tiny_model, nlist=4096)
+    out: dict = {"n": a.n_mem, "build_s": round(time.time() - t), "files_mb": {}}
+    for f in big.iterdir():
+        if f.is_file():
+            out["files_mb"][f.name] = round(f.stat().st_size / 2**20)
+    for tag, folder in (("baseline_2000_rows", small), (f"index_{a.n_mem}_rows", big)):
+        proc, port, startup = start_clipsearch(folder, "-", work, f"mem-{tag}")
+        try:
+            r: dict = {"startup_s": round(startup, 1), "idle": rss(proc.pid)}
+            r["load"] = load(
+                port, "/knn", [{"text": p, "k": 10} for p in prompts(100_000, 7)], 8, a.duration / 2
+            )
+            rng = random.Random(9)
+            fb = [
+                {"text": p, "k": 10, "filter": f"bucket == {rng.randrange(5)}"} for p in prompts(100_000, 8)
+            ]
+            r["load_filter"] = load(port, "/knn", fb, 8, a.duration / 2)
+            r["loaded"] = rss(proc.pid)
+            out[tag] = r
+        finally:
+            stop(proc)
+    base, big_r = out["baseline_2000_rows"]["loaded"], out[f"index_{a.n_mem}_rows"]["loaded"]
+    out["beyond_baseline_mb"] = {k: big_r[k] - base[k] for k in ("VmRSS", "RssAnon", "RssFile")}
+    return out
+
+
 def median_run(runs: list[dict]) -> dict:
     by_qps = sorted(runs, key=lambda r: r["qps"])
     return by_qps[len(by_qps) // 2]
@@ -457,12 +504,19 @@ def main() -> None:
     )
     ap.add_argument("--cr-python", default=None, help="python of a venv with clip-retrieval")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--only", default="all", choices=["all", "tiny", "reference", "recall"])
+    ap.add_argument("--only", default="all", choices=["all", "tiny", "reference", "recall", "memory"])
+    ap.add_argument("--n-mem", type=int, default=10_000_000, help="rows of the index for the memory run")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"n": a.n, "loadavg_start": uptime(), "cpus": os.cpu_count()}
     sys.path.insert(0, str(ROOT / "src"))
+
+    if a.only == "memory":
+        from clipsearch.embed.models import load_clip
+
+        results["memory"] = bench_memory(work, a, int(load_clip(a.tiny_model).dim))
+        print(json.dumps(results["memory"], indent=1), flush=True)
 
     if a.only in ("all", "tiny", "recall"):
         from clipsearch.embed.models import load_clip

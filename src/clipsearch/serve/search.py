@@ -328,7 +328,7 @@ class IndexSearcher:
         self.count = self.metadata.num_rows
         self.exact_max = exact_max
         self.filters = FilterCache(self.metadata, size=filter_cache_size, n=self.count)
-        self._subset_cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._subset_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._subset_bytes = 0
         self._subset_budget = subset_cache_bytes
         self._subset_lock = threading.Lock()
@@ -448,7 +448,7 @@ class IndexSearcher:
             plan += "+exact-fallback"
         return SearchResult(dist, ids_, plan, bm.count)
 
-    def _subset_vectors(self, mi: ModalityIndex, bm: FilterBitmap) -> np.ndarray:
+    def _subset_vectors(self, mi: ModalityIndex, bm: FilterBitmap) -> Any:
         key = (mi.modality, bm.expression)
         with self._subset_lock:
             v = self._subset_cache.get(key)
@@ -468,25 +468,43 @@ class IndexSearcher:
                     self._subset_flights.pop(key, None)
         return v
 
-    def _gather_subset(self, mi: ModalityIndex, bm: FilterBitmap, key: tuple[str, str]) -> np.ndarray:
+    def _gather_subset(self, mi: ModalityIndex, bm: FilterBitmap, key: tuple[str, str]) -> Any:
+        # a flat faiss index over the subset: its single-query scan is SIMD code on the calling thread
+        # (numpy's matmul would go through a multi-threaded BLAS, which stalls on a busy machine)
         v = mi.vectors_for(bm.ids)
+        flat = faiss.IndexFlatIP(v.shape[1])
+        flat.add(np.ascontiguousarray(v, dtype=np.float32))
         nbytes = v.nbytes
+        del v
         if nbytes <= self._subset_budget // 2:
             with self._subset_lock:
                 if key not in self._subset_cache:
-                    self._subset_cache[key] = v
+                    self._subset_cache[key] = flat
                     self._subset_bytes += nbytes
                 while self._subset_bytes > self._subset_budget and self._subset_cache:
                     _, old = self._subset_cache.popitem(last=False)
-                    self._subset_bytes -= old.nbytes
-        return v
+                    self._subset_bytes -= int(old.ntotal) * int(old.d) * 4
+        return flat
 
     def _exact_subset(
         self, mi: ModalityIndex, q: np.ndarray, k: int, bm: FilterBitmap
     ) -> tuple[np.ndarray, np.ndarray]:
         ids = bm.ids
-        vecs = self._subset_vectors(mi, bm)
-        return exact_topk(vecs, ids, q, k)
+        flat = self._subset_vectors(mi, bm)
+        nq = q.shape[0]
+        dist = np.full((nq, k), -np.inf, dtype=np.float32)
+        out = np.full((nq, k), -1, dtype=np.int64)
+        kk = min(k, len(ids))
+        if kk == 0:
+            return dist, out
+        if mi.threads and getattr(_tls, "omp", None) != mi.threads:
+            faiss.omp_set_num_threads(mi.threads)
+            _tls.omp = mi.threads
+        d, local = flat.search(np.ascontiguousarray(q, dtype=np.float32), kk)
+        ok = local >= 0
+        dist[:, :kk] = np.where(ok, d, -np.inf)
+        out[:, :kk] = np.where(ok, ids[np.maximum(local, 0)], -1)
+        return dist, out
 
     # ------------------------------------------------------------------ vectors and rows
     def vectors(self, ids: Sequence[int] | np.ndarray, modality: str = "image") -> np.ndarray:

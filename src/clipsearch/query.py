@@ -120,10 +120,11 @@ def read_embeddings(path: str) -> np.ndarray:
 
 def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
     """Run the batch retrieval; returns counts. `encoder` replaces the model (tests)."""
-    from clipsearch.serve.search import IndexSearcher, SearchParams
+    from clipsearch.segments.search import open_index
+    from clipsearch.serve.search import SearchParams
 
     t0 = time.perf_counter()
-    searcher = IndexSearcher(cfg.index)
+    searcher = open_index(cfg.index)  # every visible segment of an appended-to index
     try:
         missing = [c for c in cfg.columns if not searcher.metadata.has_column(c)]
         if missing:

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     g = parser.add_argument_group("index")
     if not pipeline:
         g.add_argument(
-            "--embeddings-folder", required=True, help="embed output folder, or a folder of .npy / parquet"
+            "--embeddings-folder",
+            default=None,
+            help="embed output folder, or a folder of .npy / parquet (required, except with --compact)",
         )
         g.add_argument(
             "--index-folder", required=True, help="where image.index, text.index, metadata.arrow go"
@@ -66,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     g.add_argument("--no-progress", action="store_true", help="no per-part progress lines")
     if not pipeline:
         distribute.add_arguments(parser)
+        from clipsearch.segments.cli import add_index_arguments
+
+        add_index_arguments(parser)
 
 
 def config_from_args(args: Any, **overrides: Any) -> IndexConfig:
@@ -93,7 +98,10 @@ def config_from_args(args: Any, **overrides: Any) -> IndexConfig:
 
 def run(args: Any) -> int:
     from clipsearch.index import build_index
+    from clipsearch.segments.cli import run_index
 
+    if (rc := run_index(args)) is not None:  # --append / --compact
+        return rc
     info = build_index(config_from_args(args))
     summary = {
         m: {k: v[k] for k in ("factory", "search_params", "memory_bytes")} for m, v in info["indices"].items()

@@ -20,6 +20,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from clipsearch.errors import ConfigError, InputError
+from clipsearch.segments.search import LiveIndex
 from clipsearch.serve.batching import TextBatcher
 from clipsearch.serve.dedup import near_duplicates
 from clipsearch.serve.fetch_image import decode_image, fetch_image_bytes
@@ -113,7 +114,8 @@ class ServeState:
         searchers: dict[str, IndexSearcher] = {}
         try:
             for name, path in settings.indices.items():
-                searchers[name] = IndexSearcher(
+                # segment-aware, hot-reloaded when the folder's segments.json changes (clipsearch.segments)
+                searchers[name] = LiveIndex(
                     path,
                     name=name,
                     exact_max=settings.exact_max,
@@ -161,14 +163,14 @@ class ServeState:
     def searcher(self, name: str | None) -> IndexSearcher:
         if name is None:
             if len(self.searchers) == 1:
-                return next(iter(self.searchers.values()))
+                return _current(next(iter(self.searchers.values())))
             raise InputError(
                 "several indices are served: name one in 'index'", hint="index: " + ", ".join(self.searchers)
             )
         s = self.searchers.get(name)
         if s is None:
             raise NotFound(f"no index named {name!r}", hint="index: " + ", ".join(self.searchers))
-        return s
+        return _current(s)  # one generation for the whole request
 
     def _check_columns(self, s: IndexSearcher, columns: list[str] | None) -> list[str]:
         cols = list(dict.fromkeys(columns or []))
@@ -382,6 +384,12 @@ class ServeState:
             item["id"] = i
             out.append(item)
         return {"rows": out, "missing": bad}
+
+
+def _current(s: Any) -> Any:
+    """The generation of a hot-reloaded index (LiveIndex) a request uses from start to end."""
+    current = getattr(s, "current", None)
+    return current() if current is not None else s
 
 
 def _str_or_none(v: Any) -> str | None:

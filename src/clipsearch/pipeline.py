@@ -97,6 +97,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to serve on (with --serve)")
     g.add_argument("--port", type=int, default=8000, help="port to serve on (with --serve)")
     g.add_argument("--index-name", default="default", help="name of the served index (with --serve)")
+    w = parser.add_argument_group("streaming (clipsearch.segments.watch)")
+    w.add_argument(
+        "--watch",
+        default=None,
+        metavar="SOURCE",
+        help="follow a folder or fsspec prefix of URL files: each new file is downloaded, embedded and appended "
+        "to OUT/index as a new segment (replaces --url-list)",
+    )
+    w.add_argument(
+        "--watch-interval", type=float, default=2.0, help="seconds between two listings of --watch"
+    )
+    for action in parser._actions:  # --watch supplies the URL files
+        if action.dest == "url_list":
+            action.required = False
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -105,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     from clipsearch.index import cli as index_cli
 
     args.progress = not args.no_progress  # the embed stage's spelling of the shared flag
+    if getattr(args, "watch", None) and not args.url_list:
+        args.url_list = args.watch  # validated as a folder of URL files; each file is its own run
     out = args.output_folder.rstrip("/")
     images, embeddings, index = (storage.join(out, f) for f in STAGE_FOLDERS)
     d = download_cli.config_from_args(args, output_folder=images)
@@ -130,5 +146,10 @@ def config_from_argv(argv: list[str]) -> PipelineConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "watch", None):
+        from clipsearch.segments.watch import watch
+
+        watch(config_from_args(args), args.watch, args.watch_interval)
+        return 0
     pipeline(config_from_args(args))
     return 0

@@ -43,7 +43,9 @@ def derive_trained(folder: str, info: dict[str, Any], modality: str, out_path: s
     if ondisk:
         index = faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        ivf.replace_invlists(faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size), True)
+        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns the empty lists now
     else:
         index = faiss.read_index(path)
     index.reset()

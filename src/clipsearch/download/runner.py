@@ -136,12 +136,31 @@ async def _download(
     try:
         async with Fetcher(cfg) as fetcher:
             it = iter(rows)
+            # Backpressure: while the decoders are behind (CPU-bound), start no new request. Requests in
+            # flight then stay few, so the loop serves them promptly and their deadlines measure the
+            # server, not our own backlog. When the network is the bottleneck the backlog stays short
+            # and all `thread_count` requests run.
+            max_backlog = max(4, 2 * cfg.decode_threads)
+            backlog = [0]
+            room = asyncio.Event()
+            room.set()
 
             async def worker() -> None:
                 for row in it:
+                    while backlog[0] >= max_backlog:
+                        room.clear()
+                        await room.wait()
                     f = await fetcher.fetch(row["url"])
                     if f.status == "ok":
-                        sample = await loop.run_in_executor(pool, _make_sample, row, f.data, cfg, seen, lock)
+                        backlog[0] += 1
+                        try:
+                            sample = await loop.run_in_executor(
+                                pool, _make_sample, row, f.data, cfg, seen, lock
+                            )
+                        finally:
+                            backlog[0] -= 1
+                            if backlog[0] < max_backlog:
+                                room.set()
                     else:
                         sample = _sample(row, cfg, f.status, f.error)
                     w.write(sample)

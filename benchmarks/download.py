@@ -78,12 +78,22 @@ def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple
     return time.perf_counter() - t0, peak // 1024, p.returncode, usage.ru_utime + usage.ru_stime
 
 
-def successes_clipsearch(out: str) -> int:
-    return json.load(open(os.path.join(out, "run_stats.json")))["total"]["successes"]
+def outcome_clipsearch(out: str) -> tuple[int, dict[str, int]]:
+    """(successes, the 8 most common failure reasons)."""
+    run = json.load(open(os.path.join(out, "run_stats.json")))
+    return run["total"]["successes"], dict(run["total"]["top_errors"][:8])
 
 
-def successes_i2d(out: str) -> int:
-    return sum(json.load(open(f))["successes"] for f in glob.glob(os.path.join(out, "*_stats.json")))
+def outcome_i2d(out: str) -> tuple[int, dict[str, int]]:
+    ok, errors = 0, {}
+    for f in glob.glob(os.path.join(out, "*_stats.json")):
+        st = json.load(open(f))
+        ok += st["successes"]
+        for k, v in st["status_dict"].items():
+            if k != "success":
+                k = " ".join(k.split())[:80]
+                errors[k] = errors.get(k, 0) + v
+    return ok, dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8])
 
 
 def load() -> str:
@@ -189,11 +199,9 @@ def main() -> int:
                 )
                 before = load()
                 wall, rss, rc, cpu = timed(cmd, work / f"{tool}-{r}.log", env)
-                ok = (
-                    successes_clipsearch(out)
-                    if tool == "clipsearch" and rc == 0
-                    else (successes_i2d(out) if rc == 0 else -1)
-                )
+                ok, errors = (-1, {})
+                if rc == 0:
+                    ok, errors = outcome_clipsearch(out) if tool == "clipsearch" else outcome_i2d(out)
                 res = {
                     "round": r,
                     "wall_s": round(wall, 2),
@@ -203,6 +211,7 @@ def main() -> int:
                     "cpu_s": round(cpu, 1),
                     "cpu_ms_per_url": round(1000 * cpu / a.n, 2),
                     "rc": rc,
+                    "errors": errors,
                     "load_before": before,
                 }
                 if rc != 0:

@@ -187,6 +187,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="take a tool's result file from an earlier run")
     a = ap.parse_args()
     if a.worker:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         out = os.path.join(a.data, f"out-{a.worker}-{a.budget}")
         fn = worker_ours if a.worker == "ours" else worker_autofaiss
         res = fn(a.data, a.budget, out, a.threads)

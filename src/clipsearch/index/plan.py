@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 FLAT_SCAN_BYTES_PER_S = 4e9  # one core streaming float32 dot products, measured order of magnitude
 HNSW_MAX_VECTORS = 2_000_000  # beyond this, building HNSW on few cores takes hours
 ID_BYTES = 8
+FAST_SCAN_BYTES_PER_S = 8e9  # PQ x4fs codes scanned per second by one core (measured ~16e9, halved)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,10 @@ def plan_index(
         fs = _fs_sizes(d)
         mid = fs[min(1, len(fs) - 1)]  # prefer precise re-rank codes over a larger fast-scan code
         for ref_key, ref in _refine_ladder(d):
+            if ref:
+                flat = _flat_fast_scan(n, d, budget, max_query_ms, ref_key, ref)
+                if flat is not None:
+                    return flat
             for m in [x for x in fs if x >= mid] + [x for x in fs if x < mid]:
                 code = (m + 1) // 2
                 mem = ivf_memory(n, d, nlist, code, ref, True)
@@ -194,6 +199,29 @@ def plan_index(
         f"dimension {d}; the smallest that works is {format_memory(need)}",
         hint=f"--max-index-memory-usage {format_memory(int(need * 1.05) + 1)}",
     )
+
+
+def _flat_fast_scan(n: int, d: int, budget: int, max_query_ms: float, ref_key: str, ref: int) -> Plan | None:
+    """`PQ{M}x4fs,Refine(...)` without IVF: no 8-byte ids per vector, so a finer fast-scan code fits.
+    Text queries' neighbours spread over most IVF lists, so a full fast-scan costs little more than
+    a wide IVF probe and ranks candidates better (measured: docs/bench-index.md)."""
+    for div in (4, 8, 16, 32):
+        m = d // div
+        if m < 8 or d % m or m % 2:
+            continue
+        mem = n * (m // 2 + ref) + 4 * d * 16 + 4 * d * 2
+        scan_ms = n * (m // 2) / FAST_SCAN_BYTES_PER_S * 1000
+        if mem <= budget and scan_ms <= max_query_ms / 2:
+            what = ref_key.strip(",").removeprefix("Refine(").removesuffix(")")
+            return Plan(
+                f"PQ{m}x4fs{ref_key}",
+                "other",
+                f"{n} vectors in {format_memory(budget)}: exact ({format_memory(n * d * 4)}) and HNSW do not fit; "
+                f"a full fast-scan of PQ{m}x4 codes (~{scan_ms:.1f} ms) ranks candidates, re-ranked with {what} "
+                f"codes ({format_memory(mem)}); no IVF ids, so more bytes go to the codes",
+                mem,
+            )
+    return None
 
 
 def describe_key(key: str, n: int, d: int) -> tuple[str, int]:

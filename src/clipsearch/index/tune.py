@@ -71,9 +71,14 @@ def _grid(index, kind: str) -> list[list[dict]]:
     idx = typed(index)
     if kind == "hnsw" or isinstance(idx, faiss.IndexHNSW):
         return [[{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024)]]
+    k_factors = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     try:
         ivf = faiss.extract_index_ivf(index)
     except Exception:
+        ivf = None
+    if ivf is None:
+        if isinstance(idx, faiss.IndexRefine):
+            return [[{"k_factor": kf} for kf in k_factors]]
         return [[{}]]
     nlist = ivf.nlist
     probes, p = [], 1
@@ -85,7 +90,7 @@ def _grid(index, kind: str) -> list[list[dict]]:
     probes.append(nlist)
     probes = sorted(set(x for x in probes if x <= nlist))
     if isinstance(idx, faiss.IndexRefine):
-        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in (1, 2, 4, 8, 16, 32, 64, 128)]
+        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in k_factors]
     return [[{"nprobe": n} for n in probes]]
 
 

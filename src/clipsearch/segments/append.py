@@ -89,6 +89,9 @@ def append_segment(cfg: IndexConfig) -> dict[str, Any]:
     new_parts = tuple(p for p in source.parts if p.name not in done)
     if not new_parts or sum(p.rows for p in new_parts) == 0:
         logger.info("append: every part of %s is already in the index", cfg.embeddings_folder)
+        if manifest.explicit:
+            with layout.writer_lock(folder):  # still remove what an interrupted writer left behind
+                layout.cleanup(folder, layout.read_manifest(folder))
         return {"appended": 0, "segment": None, "skipped_parts": len(source.parts)}
     source = replace(source, parts=new_parts)
     timings: dict[str, float] = {}

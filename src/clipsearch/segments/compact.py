@@ -212,6 +212,9 @@ def compact(cfg: CompactConfig) -> dict[str, Any]:
     span = choose_run(manifest, dead, cfg)
     if span is None:
         logger.info("compact: nothing to do (%d segments, %d deleted)", len(manifest.segments), len(dead))
+        if manifest.explicit:
+            with layout.writer_lock(folder):  # still remove what an interrupted writer left behind
+                layout.cleanup(folder, layout.read_manifest(folder))
         return {"compacted": False, "segments": len(manifest.segments), "generation": manifest.generation}
     lo, hi = span
     run = list(manifest.segments[lo : hi + 1])

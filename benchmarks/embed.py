@@ -7,7 +7,7 @@ saves a ViT-B/32-sized CLIP with random weights (shared/bench/make_vitb32.py, ru
 venv's python; same compute as the real model), then runs, alternating:
   - clip-retrieval inference (its own venv: --cr-python), hf_clip:MODEL, webdataset input;
   - clipsearch embed (this repo's venv), the same model and shards;
-and measures, in a fresh process, the model-only ceiling: our loaded model on pre-made pixel tensors and
+and measures, in a fresh process just before and just after our run, the model-only ceiling: our loaded model on pre-made pixel tensors and
 pre-read captions (image + text towers, the same batch size and threads, on min(N, 128) samples), in fp32
 and under bf16 autocast; ours is compared with the ceiling at the precision it chose.
 It also times `clipsearch embed` with the shipped tiny model when it is there.
@@ -107,8 +107,8 @@ def ceiling_main(model: str, shards: str, n: int, batch: int, threads: int, prob
     res: dict = {"images": n}
     for prec in ("fp32", "bf16") if probe else ("fp32",):
         enc.precision = prec
-        enc.image_features(pix[:8])  # warm-up
-        enc.text_features(caps[:8])
+        enc.image_features(pix)  # warm-up at the full batch shape (kernel selection is per shape)
+        enc.text_features(caps[:batch])
         t_img = t_txt = 0.0
         done = 0
         while done < n:
@@ -219,6 +219,24 @@ def main() -> int:
     ]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     results: dict[str, list[dict]] = {"clipsearch": [], "clip-retrieval": [], "clipsearch-tiny": []}
+    threads = str(len(os.sched_getaffinity(0)))
+    ceilings: list[dict] = []
+
+    def run_ceiling() -> None:
+        before = loadavg()
+        p = subprocess.run(
+            [sys.executable, __file__, "--_ceiling", str(model), str(shards), str(min(a.n, 128)),
+             str(a.batch_size), threads, "1"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("CEILING ")), None)
+        c = json.loads(line[len("CEILING ") :]) if line else {"error": p.stderr[-2000:]}
+        c["load_before"] = before
+        ceilings.append(c)
+        print("ceiling", json.dumps(c), flush=True)
+
     for r in range(a.rounds):
         order = ("clip-retrieval", "clipsearch") if r % 2 == 0 else ("clipsearch", "clip-retrieval")
         for tool in order:
@@ -227,6 +245,7 @@ def main() -> int:
             out = runs / f"{tool}-{r}"
             before = loadavg()
             if tool == "clipsearch":
+                run_ceiling()  # before and after ours: the machine's load drifts, the mean brackets it
                 wall, rc = timed(
                     ours + ["--output-folder", str(out), "--clip-model", str(model)],
                     runs / f"{tool}-{r}.log",
@@ -261,6 +280,8 @@ def main() -> int:
                     res["steady_samples_per_s_logged"] = float(rates[-1])
             results[tool].append(res)
             print(tool, json.dumps(res), flush=True)
+            if tool == "clipsearch":
+                run_ceiling()
 
     if not a.skip_tiny:
         from clipsearch.embed.models import tiny_model_path
@@ -289,28 +310,11 @@ def main() -> int:
             results["clipsearch-tiny"].append(res)
             print("clipsearch-tiny", json.dumps(res), flush=True)
 
-    threads = str(len(os.sched_getaffinity(0)))
-    before = loadavg()
-    p = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--_ceiling",
-            str(model),
-            str(shards),
-            str(min(a.n, 128)),
-            str(a.batch_size),
-            threads,
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("CEILING ")), None)
-    ceiling = json.loads(line[len("CEILING ") :]) if line else {"error": p.stderr[-2000:]}
-    ceiling["load_before"] = before
-    print("ceiling", json.dumps(ceiling), flush=True)
+    ceiling = {"runs": ceilings}
+    for prec in ("fp32", "bf16"):
+        v = [c[prec]["image_and_text_per_s"] for c in ceilings if prec in c]
+        if v:
+            ceiling[prec] = {"image_and_text_per_s": round(statistics.mean(v), 2)}
 
     def med(tool: str, key: str) -> float | None:
         v = [r[key] for r in results[tool] if r.get("rc") == 0 and key in r]

@@ -159,6 +159,7 @@ def cached_encoder(model: str, device: str, precision: str, compile: bool) -> An
     enc.tune_precision = precision == "auto" and device == "cpu" and enc.n_params >= PRECISION_TUNE_MIN_PARAMS
     if enc.tune_precision:
         enc.precision = "fp32"
+        enc.tuner = PrecisionTuner(enc)  # one per process: its schedule may span several small parts
     return enc
 
 
@@ -168,7 +169,7 @@ PRECISION_TUNE_MIN_PARAMS = 20_000_000  # smaller models: fp32, the difference w
 class PrecisionTuner:
     """`--precision auto` on CPU is measured on the real work, not assumed.
 
-    The first four batches run fp32, bf16, bf16, fp32 (ABBA, so drift in the machine's load cancels) and are
+    The first four batches (of the process) run fp32, bf16, bf16, fp32 (ABBA, so drift in the machine's load cancels) and are
     timed per sample; bf16 autocast is kept only if it is >10% faster. No compute is spent on probing, and a
     batch's embeddings are valid either way (bf16 vs fp32 cosine > 0.99). Whether bf16 pays depends on the
     CPU (AMX, avx512_bf16), the torch build and the load: docs/bench-embed.md has measurements.
@@ -203,7 +204,7 @@ class PrecisionTuner:
             logger.info("precision auto on CPU: %s (samples/s measured: %s)", choice, rates)
 
     def abandon(self) -> None:
-        """The part ended before a decision: back to fp32; the next part tries again."""
+        """The part ended before a decision: fp32 meanwhile; the next part goes on with the schedule."""
         if self.enc.tune_precision:
             self.enc.precision = "fp32"
 
@@ -383,7 +384,7 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
     workers = cfg.resolved_workers(device)
     pp = enc.preprocessor if cfg.enable_image else None
     pool = _decode_pool(workers) if (workers > 0 and pp is not None) else None
-    tuner = PrecisionTuner(enc) if getattr(enc, "tune_precision", False) else None
+    tuner: PrecisionTuner | None = getattr(enc, "tuner", None)
 
     counts = readers.ReadCounts()
     for k, v in unit.extra_counts:
@@ -482,7 +483,9 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
         "dim": enc.dim,
         "modalities": _modalities(cfg),
         "device": device,
-        "precision": enc.precision,
+        "precision": "auto (measuring: fp32 and bf16 batches)"
+        if getattr(enc, "tune_precision", False)
+        else enc.precision,
         "precision_probe": getattr(enc, "precision_probe", {}),
         "batch_size": batch_size,
         "num_prepro_workers": workers,

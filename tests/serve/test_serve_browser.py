@@ -61,6 +61,7 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
     app = create_app(ServeConfig(indices={"shapes": index_dir, "big": ivf_dir}), encoder=encoder)
     with LiveServer(app) as srv:
         page = browser.new_page()
+        page.set_default_timeout(90_000)  # a busy shared machine can be slow; a broken page still fails
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(srv.url + "/")

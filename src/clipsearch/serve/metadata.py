@@ -20,6 +20,8 @@ from clipsearch.errors import InputError
 
 logger = logging.getLogger(__name__)
 
+SMALL_LOOKUP = 64  # ids per call read one by one (a results page); more go through take()
+
 
 class MetadataTable:
     """Memory-mapped `metadata.arrow`. Thread-safe for reads."""
@@ -81,6 +83,16 @@ class MetadataTable:
         cols = list(self.columns if columns is None else columns)
         if len(ids) == 0:
             return []
+        if len(ids) <= SMALL_LOOKUP:
+            # a page of results: scalar reads are cheaper than take + to_pylist (measured 8 % of /knn CPU)
+            starts = self._starts
+            out_small = []
+            for i in ids.tolist():
+                b = bisect.bisect_right(starts, i) - 1
+                batch = self._batch(b)
+                local = i - starts[b]
+                out_small.append({c: batch.column(c)[local].as_py() for c in cols})
+            return out_small
         out: list[dict[str, Any] | None] = [None] * len(ids)
         # group the wanted rows by batch, take them there in one call per batch
         batch_of = np.searchsorted(np.asarray(self._starts[1:]), ids, side="right")

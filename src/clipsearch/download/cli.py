@@ -154,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         "--enable-wandb", action="store_true", help="log metrics to Weights & Biases (wandb extra)"
     )
     g.add_argument("--wandb-project", default="clipsearch", help="W&B project name")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if "--no-progress" not in parser._option_string_actions:  # pipeline: one flag shared by the stages
+        g.add_argument("--no-progress", action="store_true", help="no progress bar")
     if not pipeline:
         distribute.add_arguments(parser)
 
@@ -215,7 +216,7 @@ def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
         extract_exif=args.extract_exif,
         enable_wandb=args.enable_wandb,
         wandb_project=args.wandb_project,
-        progress=not args.no_progress,
+        progress=not getattr(args, "no_progress", False) and getattr(args, "progress", True) is not False,
         distributor=dist,
     )
     kw.update(overrides)

@@ -18,9 +18,9 @@ from clipsearch.index.plan import pick_nlist, plan_index
         (200_000, "4G", "hnsw", "HNSW32"),
         (200_000, "200M", "hnsw", "HNSW32_SQ8"),
         (200_000, "64M", "other", "PQ128x4fs,Refine(SQ4)"),
-        (1_000_000, "256M", "other", "PQ16x4fs,Refine(SQ4)"),
-        (3_000_000, "1G", "other", "PQ16x4fs,Refine(SQ4)"),
-        (3_000_000, "1500M", "other", "PQ16x4fs,Refine(SQ8)"),
+        (1_000_000, "256M", "ivf", "IVF2048,SQ4"),
+        (3_000_000, "1G", "ivf", "IVF4096,PQ64x4fsr,Refine(SQ4)"),
+        (3_000_000, "1500M", "ivf", "IVF4096,PQ64x4fsr,Refine(SQ6)"),
         (10_000_000, "4G", "ivf", "IVF8192_HNSW32,"),
     ],
 )

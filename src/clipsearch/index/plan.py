@@ -193,6 +193,21 @@ def plan_index(
                     f"{what} ({format_memory(mem)})",
                     mem,
                 )
+            if ref_key == ",Refine(SQ4)":
+                # no room for a fast-scan code beside SQ4 re-rank codes: scan SQ4 residual codes directly
+                for nl in (nlist, nlist // 2, nlist // 4):
+                    key, cq_mem = coarse(max(nl, 1), d)
+                    mem = cq_mem + n * ((d + 1) // 2 + ID_BYTES)
+                    if nl >= 1 and mem <= budget:
+                        return Plan(
+                            f"{key},SQ4",
+                            "ivf",
+                            f"{n} vectors in {format_memory(budget)}: no room for a fast-scan code beside SQ4 "
+                            f"re-rank codes; IVF{nl} over SQ4 residual codes ({format_memory(mem)}), merged on "
+                            "disk",
+                            mem,
+                            True,
+                        )
     need = smallest_budget(n, d, mmap)
     raise IndexBuildError(
         f"a memory budget of {format_memory(budget)} is too small for any index of {n} vectors of "
@@ -205,7 +220,7 @@ def _flat_fast_scan(n: int, d: int, budget: int, max_query_ms: float, ref_key: s
     """`PQ{M}x4fs,Refine(...)` without IVF: no 8-byte ids per vector, so a finer fast-scan code fits.
     Text queries' neighbours spread over most IVF lists, so a full fast-scan costs little more than
     a wide IVF probe and ranks candidates better (measured: docs/bench-index.md)."""
-    for div in (4, 8, 16, 32):
+    for div in (4, 8):  # coarser codes rank text queries too badly (1M: PQ16x4 -> recall 0.05)
         m = d // div
         if m < 8 or d % m or m % 2:
             continue

@@ -186,3 +186,23 @@ def test_cli(emb_folder, tmp_path, capsys):
     assert rc == 0 and os.path.exists(os.path.join(out, "index.json"))
     rc = main(["-q", "index", "--embeddings-folder", src, "--index-folder", out])
     assert rc == 2 and "already holds" in capsys.readouterr().err
+
+
+def test_part_units_are_picklable_and_run_in_a_process_pool(emb_folder, tmp_path):
+    import pickle
+
+    from clipsearch.distribute import DistributorConfig
+    from clipsearch.index.build import PartUnit
+    from clipsearch.index.readers import open_source
+
+    src, arrays = emb_folder
+    source = open_source(src, "embeddings")
+    unit = PartUnit("00000", source.parts[0], source, ("image", "text"), ("ivf", "ivf"), 0, "/x", 1000, 1)
+    assert pickle.loads(pickle.dumps(unit)) == unit
+    out = str(tmp_path / "index")
+    info = build_index(
+        cfg(src, out, index_key="IVF16,Flat", distributor=DistributorConfig(processes=2), nb_cores=2)
+    )
+    index = read_index(os.path.join(out, "image.index"), mmap=True)
+    apply_search_params(index, info["indices"]["image"]["search_params"])
+    assert index.ntotal == 7500 and recall(index, arrays["image"], arrays["text"][:50]) >= 0.9

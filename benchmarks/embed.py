@@ -268,8 +268,8 @@ def main() -> int:
                 rows = sum(p["rows"] for p in parts)
                 res["rows"] = rows
                 res["steady_samples_per_s"] = round(rows / sum(p["duration_s"] for p in parts), 2)
-                res["precision"] = parts[0].get("precision")
-                res["precision_probe"] = parts[0].get("precision_probe")
+                res["precision"] = parts[-1].get("precision")
+                res["precision_probe"] = parts[-1].get("precision_probe")
             else:
                 import numpy as np
 
@@ -339,7 +339,12 @@ def main() -> int:
     precs = [r.get("precision") for r in results["clipsearch"] if r.get("precision")]
     prec = precs[0] if precs else "fp32"
     summary["clipsearch_precision"] = prec
-    ceil = ceiling.get(prec, {}).get("image_and_text_per_s")
+    if prec in ("fp32", "bf16"):
+        ceil = ceiling.get(prec, {}).get("image_and_text_per_s")
+    else:  # every batch was in the auto-precision measurement (fp32, bf16, bf16, fp32): equal samples each
+        r32 = ceiling.get("fp32", {}).get("image_and_text_per_s")
+        r16 = ceiling.get("bf16", {}).get("image_and_text_per_s")
+        ceil = round(2 / (1 / r32 + 1 / r16), 2) if r32 and r16 else None
     summary["ceiling_same_precision"] = ceil
     summary["ceiling_fp32"] = ceiling.get("fp32", {}).get("image_and_text_per_s")
     steady = summary["clipsearch_steady_samples_per_s"]

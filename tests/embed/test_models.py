@@ -125,3 +125,17 @@ def test_single_query_is_fast(enc: ClipEncoder) -> None:
     for _ in range(50):
         enc.encode_text(["a photo of a cat"])
     assert 50 / (time.perf_counter() - t0) > 50  # hundreds/s on an idle machine; loose for a loaded one
+
+
+@pytest.mark.skipif(
+    not (tiny_model_path() / "config.json").exists(), reason="shipped tiny model not built yet"
+)
+def test_shipped_tiny_model_is_the_offline_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = load_clip()  # DEFAULT_MODEL
+    assert enc.name == DEFAULT_MODEL and enc.dim > 0
+    t = enc.encode_text(["a red circle", "a blue square"])
+    assert t.shape == (2, enc.dim)
+    v = enc.encode_images([_img(12, (64, 64))])
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    assert make_preprocessor(DEFAULT_MODEL) == enc.preprocessor

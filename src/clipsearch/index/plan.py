@@ -7,9 +7,10 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
 
 - exact `Flat` when it fits and a brute-force scan meets the query-time budget;
 - `HNSW32` (float vectors, else SQ8 codes) when it fits and memory mapping is not required;
-- otherwise `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine({codes})`: a fast-scan 4-bit PQ that scans
-  many lists cheaply, then a re-rank of k_factor*k candidates on the highest-rate codes that fit
-  (float, fp16, SQ8, SQ6, PQ at 4 then 2 bits per dimension);
+- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, SQ4, PQ at 2 bits per
+  dimension) behind a fast-scan 4-bit PQ ranker that scans many candidates cheaply: a full scan
+  `PQ{M}x4fs,Refine(...)` (no 8-byte IVF ids, so a finer ranker fits) when it meets the query
+  budget, else `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine(...)`, else `IVF{nlist},SQ4`;
 - with `--should-be-memory-mappable`: `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk
   inverted lists (fast-scan lists cannot live on disk in faiss).
 

@@ -63,6 +63,9 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         ("embed", embed, cfg.embed),
         ("index", build_index, cfg.index),
     ):
+        if name == "index" and _index_up_to_date(cfg.index.index_folder, cfg.embed.output_folder):
+            report[name] = storage.read_json(storage.join(cfg.index.index_folder, "index.json"))
+            continue
         t0 = time.perf_counter()
         logger.info("pipeline: %s", name)
         report[name] = fn(stage_cfg)
@@ -72,6 +75,24 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
         serve(cfg.serve)
     return report
+
+
+def _index_up_to_date(index_folder: str, embeddings_folder: str) -> bool:
+    """A finished index over exactly the current embeddings needs no rebuild on a re-run."""
+    info_path = storage.join(index_folder, "index.json")
+    if not storage.exists(info_path):
+        return False
+    info = storage.read_json(info_path)
+    manifest = storage.read_json(storage.join(embeddings_folder, "manifest.json"))
+    indexed = int(info.get("count", -1)) + int((info.get("skipped") or {}).get("samples", 0))
+    if indexed != int(manifest.get("total_rows", -2)):
+        raise OutputExistsError(
+            f"the index in {index_folder} covers {indexed} rows but the embeddings now hold "
+            f"{manifest.get('total_rows')}; a finished index is never rebuilt in place",
+            hint=f"clipsearch index --append --embeddings-folder NEW_PARTS --index-folder {index_folder}",
+        )
+    logger.info("pipeline: index in %s is up to date (%d rows)", index_folder, indexed)
+    return True
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from clipsearch.demo.sample import (  # noqa: E402
     CAPTION_TEMPLATES,
     COLORS,
     SHAPES,
+    _render,
     make_caption,
     make_image,
 )
@@ -242,15 +243,15 @@ def sample_caption(color: str, shape: str, bg: str, rng: np.random.Generator):
     """A caption for an image and the attributes it names: (text, (color|None, shape|None, bg|None))."""
     r = rng.random()
     bgp = BACKGROUND_PHRASES[bg]
-    if r < 0.42:
+    if r < 0.38:
         text, named = make_caption(color, shape, bg, rng), (color, shape, bg)
-    elif r < 0.74:
+    elif r < 0.66:
         t = CAPTION_TEMPLATES_EXTRA[int(rng.integers(len(CAPTION_TEMPLATES_EXTRA)))]
         text, named = t.format(a=article(color), color=color, shape=shape), (color, shape, None)
-    elif r < 0.83:
+    elif r < 0.75:
         t = COLOR_ONLY[int(rng.integers(len(COLOR_ONLY)))]
         text, named = t.format(a=article(color), color=color), (color, None, None)
-    elif r < 0.92:
+    elif r < 0.92:  # shape-only captions: the hardest attribute, so the most frequent single one
         t = SHAPE_ONLY[int(rng.integers(len(SHAPE_ONLY)))]
         text, named = t.format(shape=shape), (None, shape, None)
     elif r < 0.96:
@@ -308,8 +309,25 @@ def _processor_view(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def training_view(color: str, shape: str, bg: str, rng: np.random.Generator) -> np.ndarray:
-    """One generated image as the model would see it after download + processor, randomised."""
+def training_view(
+    color: str, shape: str, bg: str, rng: np.random.Generator, easy: bool = False
+) -> np.ndarray:
+    """One generated image as the model would see it after download + processor, randomised.
+
+    An easy view (the start of the curriculum) has a big object on a square image and a faint texture.
+    """
+    if easy:
+        side = int(rng.integers(72, 129))
+        img = _render(
+            color,
+            shape,
+            bg,
+            rng,
+            (side, side),
+            object_scale=(0.55, 0.8),
+            texture=float(rng.uniform(0.1, 0.6)),
+        )
+        return np.asarray(_processor_view(_jpeg(img, rng.integers(75, 96))), dtype=np.uint8)
     img = make_image(color, shape, bg, rng, size=_aspect_size(rng, 80, 200))
     r = rng.random()
     if r < 0.65:  # download 'border' mode, then the processor
@@ -329,9 +347,11 @@ def training_view(color: str, shape: str, bg: str, rng: np.random.Generator) -> 
     return np.asarray(_processor_view(img), dtype=np.uint8)
 
 
-def make_pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n training views (uint8 [n, 64, 64, 3]) and their attribute ids [n, 3] (colour, shape, bg)."""
+def make_pool(n: int, seed: int, easy_frac: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """n training views (uint8 [n, 64, 64, 3]) and their attribute ids [n, 3] (colour, shape, bg);
+    the first easy_frac of them are easy views."""
     rng = np.random.default_rng([seed, 7])
+    n_easy = int(n * easy_frac)
     imgs = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     attrs = np.empty((n, 3), np.int64)
     for i in range(n):
@@ -340,7 +360,7 @@ def make_pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             int(rng.integers(len(SHAPES))),
             int(rng.integers(len(BACKGROUNDS))),
         )
-        imgs[i] = training_view(COLORS[c], SHAPES[s], BACKGROUNDS[b], rng)
+        imgs[i] = training_view(COLORS[c], SHAPES[s], BACKGROUNDS[b], rng, easy=i < n_easy)
         attrs[i] = (c, s, b)
     return imgs, attrs
 
@@ -382,6 +402,82 @@ def make_config(vocab_size: int, bos_id: int, eos_id: int, args):
     return CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=args.embed_dim
     )
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """2D sine-cosine position table [grid*grid, dim] (as in MAE), row-major like the patch order."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        ang = coord[:, None] * omega[None, :]
+        parts += [ang.sin(), ang.cos()]
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def init_positions(model) -> None:
+    """Start the (learnt) vision position embeddings from a 2D sine-cosine table, so the ViT knows the
+    image layout from step 0 instead of discovering it; it learns shapes much sooner."""
+    emb = model.vision_model.embeddings
+    n_patches = emb.position_embedding.weight.shape[0] - 1
+    grid = int(round(n_patches**0.5))
+    dim = emb.position_embedding.weight.shape[1]
+    table = sincos_2d(grid, dim) * 0.5
+    emb.position_embedding.weight[1:] = table
+    emb.position_embedding.weight[0] = 0.0
+
+
+@torch.no_grad()
+def init_mimetic(
+    model, seed: int = 0, a1: float = 0.7, b1: float = 0.7, a2: float = 0.4, b2: float = 0.4
+) -> None:
+    """Mimetic initialisation of the vision attention (Trockman & Kolter, 2023): W_q W_k^T ~ a1 Z + b1 I
+    per head and W_v W_o ~ a2 Z - b2 I, the structure trained ViTs show. With position embeddings
+    that already encode the layout, heads start out attending locally, like a convolution, and a
+    small ViT learns shapes from a few thousand images instead of hundreds of thousands."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.vision_model.encoder.layers:
+        attn = layer.self_attn
+        d = attn.embed_dim
+        k = attn.head_dim
+        for h in range(attn.num_heads):
+            m = a1 * torch.randn(d, d, generator=g) / d**0.5 + b1 * torch.eye(d)
+            u, sv, vh = torch.linalg.svd(m)
+            root = sv[:k].sqrt()
+            # x @ Wq (d x k) with Wq = q_proj.weight[rows].T
+            attn.q_proj.weight[h * k : (h + 1) * k] = (u[:, :k] * root).T
+            attn.k_proj.weight[h * k : (h + 1) * k] = (vh[:k].T * root).T
+        m = a2 * torch.randn(d, d, generator=g) / d**0.5 - b2 * torch.eye(d)
+        u, sv, vh = torch.linalg.svd(m)
+        root = sv.sqrt()
+        attn.v_proj.weight.copy_((u * root).T)
+        attn.out_proj.weight.copy_(vh.T * root)
+
+
+@torch.no_grad()
+def init_patch_whitening(model, views_u8: np.ndarray, n_patches: int = 20000, seed: int = 0) -> None:
+    """Start the patch embedding from the whitened principal components of real patches (as fast CIFAR
+    training does for its first convolution): each output channel starts as a decorrelated,
+    unit-variance feature of the pixels instead of random noise."""
+    conv = model.vision_model.embeddings.patch_embedding
+    hidden, _, p, _ = conv.weight.shape
+    g = torch.Generator().manual_seed(seed)
+    x = to_pixels(views_u8[torch.randint(len(views_u8), (min(len(views_u8), 2048),), generator=g).numpy()])
+    patches = x.unfold(2, p, p).unfold(3, p, p)  # [n, 3, gh, gw, p, p]
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+    patches = patches[torch.randperm(len(patches), generator=g)[:n_patches]]
+    patches = patches - patches.mean(0, keepdim=True)
+    cov = patches.T @ patches / len(patches)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    k = min(hidden, evals.numel())
+    top = evecs[:, -k:].flip(1) / (evals[-k:].flip(0).clamp_min(1e-4).sqrt())[None, :]
+    w = torch.randn(hidden, 3 * p * p, generator=g) * (1.0 / (3 * p * p) ** 0.5) * 0.1
+    w[:k] = top.T * 0.5
+    conv.weight.copy_(w.reshape(hidden, 3, p, p))
 
 
 def multi_positive_loss(logits_per_text: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
@@ -510,6 +606,12 @@ def main(argv=None) -> int:
     p.add_argument("--text-layers", type=int, default=3)
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--eval-n", type=int, default=1008, help="held-out images (multiple of 48 is balanced)")
+    p.add_argument("--aux", type=float, default=1.0, help="weight of the attribute-classifier loss")
+    p.add_argument("--easy", type=float, default=0.5, help="share of easy views in the first pool")
+    p.add_argument("--mimetic", type=int, default=1, help="mimetic init of the vision attention")
+    p.add_argument("--whiten", type=int, default=1, help="whitened-PCA init of the patch embedding")
+    p.add_argument("--hard-frac", type=float, default=0.5, help="share of two-colour batches")
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, busy CPU)"
     )
@@ -542,20 +644,36 @@ def main(argv=None) -> int:
 
     config = make_config(vocab_size, tok.bos_token_id, tok.eos_token_id, args)
     model = CLIPModel(config)
+    init_positions(model)
+    if args.mimetic:
+        init_mimetic(model, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters", flush=True)
 
     t0 = time.time()
-    pool, pool_attrs = make_pool(args.pool, args.seed)
+    # curriculum: the first pool is part easy views; refreshes bring normal views only, so the easy
+    # ones fade out as training goes on
+    pool, pool_attrs = make_pool(args.pool, args.seed, easy_frac=args.easy)
     print(f"pool: {args.pool} views in {time.time() - t0:.0f}s", flush=True)
+    if args.whiten:
+        init_patch_whitening(model, pool, seed=args.seed)
     t0 = time.time()
     eval_imgs, eval_attrs = heldout_set(args.eval_n, seed=args.seed + 1000)
     print(f"held-out: {args.eval_n} images in {time.time() - t0:.0f}s", flush=True)
 
+    # training-only attribute classifiers on the image embedding: a direct signal that speeds up
+    # learning shapes (contrastive learning alone has to discover them through the text tower)
+    heads = torch.nn.ModuleList(
+        [torch.nn.Linear(args.embed_dim, n) for n in (len(COLORS), len(SHAPES), len(BACKGROUNDS))]
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": 0.05},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": list(heads.parameters()), "weight_decay": 0.0},
+        ],
         lr=args.lr,
         betas=(0.9, 0.98),
     )
@@ -575,9 +693,15 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        idx = rng.choice(len(pool), size=args.batch, replace=False)
+        if rng.random() < args.hard_frac:
+            # a batch of only two colours: colour no longer tells captions apart, shape has to
+            cols = rng.choice(len(COLORS), size=2, replace=False)
+            cand = np.flatnonzero(np.isin(pool_attrs[:, 0], cols))
+            idx = rng.choice(cand, size=min(args.batch, len(cand)), replace=False)
+        else:
+            idx = rng.choice(len(pool), size=args.batch, replace=False)
         views = pool[idx]
-        flip = rng.random(args.batch) < 0.5
+        flip = rng.random(len(idx)) < 0.5
         views[flip] = views[flip, :, ::-1]
         a = pool_attrs[idx]
         caps, named = [], []
@@ -599,6 +723,14 @@ def main(argv=None) -> int:
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=to_pixels(views)
         )
         loss = multi_positive_loss(outputs.logits_per_text, torch.from_numpy(match))
+        if args.aux > 0:
+            emb = outputs.image_embeds * 10.0
+            targets = torch.from_numpy(a)
+            aux = sum(
+                w * F.cross_entropy(h(emb), targets[:, i])
+                for i, (h, w) in enumerate(zip(heads, (0.5, 1.0, 0.5), strict=True))
+            )
+            loss = loss + args.aux * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -616,7 +748,7 @@ def main(argv=None) -> int:
             fresh, fresh_attrs = make_pool(args.refresh, args.seed * 100003 + refresh_rng_seed)
             slots = rng.choice(len(pool), size=args.refresh, replace=False)
             pool[slots], pool_attrs[slots] = fresh, fresh_attrs
-        if (step + 1) % 500 == 0 and step + 1 < args.steps:
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             m = evaluate(model, processor, eval_imgs[:336], eval_attrs[:336])
             history.append({"step": step + 1, **m})
             print(f"  eval@{step + 1} (336 imgs): {json.dumps(m)}", flush=True)

@@ -252,6 +252,20 @@ def make_image(
     size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """One RGB image of a `color` `shape` on a `background` texture; size is (width, height), random if None."""
+    return _render(color, shape, background, rng, size)
+
+
+def _render(
+    color: str,
+    shape: str,
+    background: str,
+    rng: np.random.Generator,
+    size: tuple[int, int] | None = None,
+    object_scale: tuple[float, float] = (0.42, 0.72),
+    texture: float = 1.0,
+) -> Image.Image:
+    """make_image, plus knobs the model training uses for easier early examples: the object's size as a
+    fraction of the short side, and the texture contrast (0 = flat mean colour, 1 = full)."""
     if color not in COLOR_RGB:
         raise ValueError(f"unknown colour {color!r}; choose one of {', '.join(COLORS)}")
     if shape not in SHAPES:
@@ -267,6 +281,9 @@ def make_image(
     k = min(1.0, _TEXTURE_MAX / max(w, h))
     tw, th = max(8, round(w * k)), max(8, round(h * k))
     bg = _TEXTURES[background](rng, tw, th, float(min(tw, th)))
+    if texture != 1.0:
+        mean = bg.mean(axis=(0, 1), keepdims=True)
+        bg = mean + texture * (bg - mean)
     sigma = rng.uniform(0.0, 8.0)  # sensor noise
     if sigma > 0.5:
         bg = bg + ((rng.random((th, tw), dtype=np.float32) - 0.5) * (2.0 * sigma))[..., None]
@@ -275,7 +292,7 @@ def make_image(
         img = img.resize((w, h), Image.Resampling.BILINEAR)
 
     # object: size, rotation, position (kept near the centre so a centre crop keeps it)
-    obj = max(6, int(s * rng.uniform(0.38, 0.66)))
+    obj = max(6, int(s * rng.uniform(*object_scale)))
     mask = _shape_mask(shape, obj, rng)
     angle = float(rng.uniform(-20, 20))
     mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)

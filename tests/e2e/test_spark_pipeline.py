@@ -52,10 +52,19 @@ def test_spark_pipeline_equals_local(tmp_path):
         assert pa_.drop_columns([c for c in pa_.column_names if "time" in c]).equals(
             pb_.drop_columns([c for c in pb_.column_names if "time" in c])
         )
+
+    # the same samples with the same embeddings (rows are aligned with metadata/*.parquet by key)
+    def by_key(out, sub):
+        keys = [k for p in sorted((out / "embeddings" / "metadata").glob("*.parquet"))
+                for k in pq.read_table(p).column("key").to_pylist()]  # fmt: skip
+        emb = np.concatenate([np.load(p) for p in sorted((out / "embeddings" / sub).glob("*.npy"))])
+        assert len(keys) == len(emb) == 60
+        return dict(zip(keys, emb, strict=True))
+
     for sub in ("img_emb", "text_emb"):
-        ea = np.concatenate([np.load(p) for p in sorted((a / "embeddings" / sub).glob("*.npy"))])
-        eb = np.concatenate([np.load(p) for p in sorted((b / "embeddings" / sub).glob("*.npy"))])
-        assert ea.shape == (60, ea.shape[1]) and np.allclose(ea, eb, atol=2e-3)
+        ea, eb = by_key(a, sub), by_key(b, sub)
+        assert ea.keys() == eb.keys()
+        assert all(np.allclose(ea[k], eb[k], atol=2e-3) for k in ea)
     ma, mb = (json.loads((x / "index" / "index.json").read_text()) for x in (a, b))
     assert ma["count"] == mb["count"] == 60
     assert ma["indices"]["image"]["factory"] == mb["indices"]["image"]["factory"]

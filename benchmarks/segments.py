@@ -30,6 +30,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -128,36 +129,33 @@ def measure(searcher, q: np.ndarray, gt: np.ndarray, n_lat: int = 300) -> dict:
     }
 
 
-def _merged_folder(root: str, folders: list[str]) -> str:
-    """One embeddings folder holding every row of `folders` as ONE part, in the same id order.
+def _merged_folder(root: str, folders: list[str]) -> tuple[str, str]:
+    """(a folder with every image vector of `folders` as ONE .npy, in id order; a .npy of 1000 caption
+    embeddings of random rows, to tune it on text-like queries as the embeddings input does).
 
-    One part, because faiss 1.15.1 corrupts its heap when IndexIVFFastScan.merge_from runs over many
-    parts (the index stage merges its parts that way; reproduced with 6 parts of 3600 rows)."""
-    out = os.path.join(root, "emb-all")
-    if os.path.exists(os.path.join(out, "manifest.json")):
-        return out
+    Image only, to halve the rebuild (tuning dominates it). One part, because faiss 1.15.1 corrupts its
+    heap when IndexIVFFastScan.merge_from runs over many parts (6 parts of 3600 rows reproduce it)."""
+    out = os.path.join(root, "npy-all")
+    tq = os.path.join(root, "tuning-queries.npy")
+    if os.path.exists(tq):
+        return out, tq
     shutil.rmtree(out, ignore_errors=True)
-    for sub in ("img_emb", "text_emb", "metadata"):
-        os.makedirs(os.path.join(out, sub))
-    tables = []
-    for sub in ("img_emb", "text_emb"):
-        arrays = []
-        for f in folders:
-            for name in sorted(os.listdir(os.path.join(f, sub))):
-                arrays.append(np.load(os.path.join(f, sub, name)))
-        np.save(os.path.join(out, sub, "00000.npy"), np.concatenate(arrays))
-        n = sum(len(a) for a in arrays)
-        del arrays
-    for f in folders:
-        for name in sorted(os.listdir(os.path.join(f, "metadata"))):
-            tables.append(pq.read_table(os.path.join(f, "metadata", name)))
-    pq.write_table(pa.concat_tables(tables), os.path.join(out, "metadata", "00000.parquet"))
-    d = json.load(open(os.path.join(folders[0], "manifest.json")))["dim"]
-    with open(os.path.join(out, "manifest.json"), "w") as fh:
-        json.dump({"format": "clipsearch.embeddings", "version": 1, "model": "synthetic", "dim": d,
-                   "dtype": "float16", "normalized": True, "modalities": ["image", "text"],
-                   "parts": [{"name": "00000", "rows": n, "inputs": []}], "total_rows": n}, fh)  # fmt: skip
-    return out
+    os.makedirs(out)
+    arrays = [
+        np.load(os.path.join(f, "img_emb", n))
+        for f in folders
+        for n in sorted(os.listdir(os.path.join(f, "img_emb")))
+    ]
+    np.save(os.path.join(out, "all.npy"), np.concatenate(arrays))
+    texts = [
+        np.load(os.path.join(f, "text_emb", n))
+        for f in folders
+        for n in sorted(os.listdir(os.path.join(f, "text_emb")))
+    ]
+    txt = np.concatenate(texts)
+    pick = np.random.default_rng(5).choice(len(txt), size=1000, replace=False)
+    np.save(tq, txt[pick].astype(np.float32))
+    return out, tq
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -232,10 +230,9 @@ def run(args: argparse.Namespace) -> dict:
     out["appends"] = appends
     all_folders = [base_emb, *seg_embs]
     gt = exact_topk(all_folders, q)
-    faiss.omp_set_num_threads(1)
-    out["segmented"] = measure(open_index(index), q, gt)
-    out["segmented"]["segments"] = len(layout.read_manifest(index).segments)
-    print("segmented:", out["segmented"], flush=True)
+    seg10 = os.path.join(w, "index-10seg")  # the state after the appends, kept for the latency table
+    shutil.rmtree(seg10, ignore_errors=True)
+    shutil.copytree(index, seg10)
 
     # deletes: 1 % of the rows, visible through the LiveIndex
     rng = np.random.default_rng(4)
@@ -249,39 +246,94 @@ def run(args: argparse.Namespace) -> dict:
         time.sleep(0.005)
     out["delete"] = {"rows": int(len(victims)), "seconds": round(del_s, 2),
                      "visible_after_s": round(time.perf_counter() - t, 3)}  # fmt: skip
-    faiss.omp_set_num_threads(1)
-    dead = set(victims.tolist())
-    gt_live = _gt_without(all_folders, q, dead)
-    out["segmented_with_deletes"] = measure(open_index(index), q, gt_live)
-    print("delete:", out["delete"], out["segmented_with_deletes"], flush=True)
     live.close()
+    shutil.rmtree(index + "-deleted-view", ignore_errors=True)
+    shutil.copytree(index, index + "-deleted-view")
+    gt_live = _gt_without(all_folders, q, set(victims.tolist()))
+    gt_renumbered = gt_live - np.searchsorted(np.sort(victims), gt_live)  # compaction drops the deleted ids
+    print("delete:", out["delete"], flush=True)
 
-    # compaction of everything (drops the deleted rows; recall check decides on retraining)
+    # compactions that keep the quantizer and the parameters (the fan-out cost alone): the small
+    # segments only (default policy: cost in proportion to the appended rows), and everything
+    kept = {}
+    for name, everything in (("small", False), ("all", True)):
+        folder = os.path.join(w, f"index-compact-{name}")
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(seg10, folder)
+        t = time.perf_counter()
+        rep = compact(
+            CompactConfig(folder, all_segments=everything, target_recall=1e-6, nb_cores=args.threads)
+        )
+        kept[name] = {"seconds": round(time.perf_counter() - t, 1), "merged_rows": rep["rows"],
+                      "segments_after": rep["segments"]}  # fmt: skip
+        print(f"compact {name} (quantizer kept):", kept[name], flush=True)
+    out["compact_kept_quantizer"] = kept
+
+    # the real compaction of the live folder: deleted rows dropped, recall check with the index's target
     t = time.perf_counter()
     crep = compact(CompactConfig(index, all_segments=True, nb_cores=args.threads))
     out["compact"] = {"seconds": round(time.perf_counter() - t, 1), "rows": crep["rows"],
-                      "recall_check": crep["recall"], "retrained": crep["retrained"]}  # fmt: skip
-    faiss.omp_set_num_threads(1)
-    dead_sorted = np.sort(victims)
-    gt_renumbered = gt_live - np.searchsorted(dead_sorted, gt_live)  # compaction drops the deleted ids
-    out["compacted"] = measure(open_index(index), q, gt_renumbered)
-    print("compacted:", out["compact"], out["compacted"], flush=True)
+                      "recall_check": crep["recall"], "retrained": crep["retrained"], "timings": crep["timings"]}  # fmt: skip
+    print("compact (default target):", out["compact"], flush=True)
 
     # full rebuild of everything (no deletes) for the recall/latency reference
     rebuilt = os.path.join(w, "index-rebuilt")
-    shutil.rmtree(rebuilt, ignore_errors=True)
     t = time.perf_counter()
-    info = build_index(cfg(_merged_folder(w, all_folders), rebuilt))
+    if not os.path.exists(os.path.join(rebuilt, "index.json")) or args.rebuild:
+        shutil.rmtree(rebuilt, ignore_errors=True)
+        npy, tq = _merged_folder(w, all_folders)
+        build_index(replace(cfg(npy, rebuilt), input_format="npy", tuning_queries=tq))
+    info = json.load(open(os.path.join(rebuilt, "index.json")))
     out["rebuild"] = {"seconds": round(time.perf_counter() - t, 1), "factory": info["indices"]["image"]["factory"],
                       "search_params": info["indices"]["image"]["search_params"]}  # fmt: skip
-    faiss.omp_set_num_threads(1)
-    out["rebuild"].update(measure(open_index(rebuilt), q, gt))
     print("rebuild:", out["rebuild"], flush=True)
+
+    # latency and recall, the indices alternated query by query (the machine is shared: this cancels
+    # the drift of the other load), 1 faiss thread as serve uses
+    faiss.omp_set_num_threads(1)
+    out["search"] = interleaved(
+        {
+            f"{args.segments + 1} segments": (open_index(seg10), gt),
+            f"{args.segments + 1} segments, 1% deleted": (open_index(index + "-deleted-view"), gt_live)
+            if os.path.exists(index + "-deleted-view")
+            else None,
+            "base + merged appends": (open_index(os.path.join(w, "index-compact-small")), gt),
+            "compacted, quantizer kept": (open_index(os.path.join(w, "index-compact-all")), gt),
+            "compacted, default target, deletes dropped": (open_index(index), gt_renumbered),
+            "full rebuild": (open_index(rebuilt), gt),
+        },
+        q,
+    )
+    for k, v in out["search"].items():
+        print(f"search {k}:", v, flush=True)
     if not args.no_watch:
         out["watch"] = bench_watch(os.path.join(w, "watch"), args.watch_files)
         print("watch:", out["watch"], flush=True)
     with open(os.path.join(w, "results.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
+    return out
+
+
+def interleaved(named: dict, q: np.ndarray, n_lat: int = 400) -> dict:
+    """Single-query latency of several searchers, alternating them query by query, and their recall@10."""
+    named = {k: v for k, v in named.items() if v is not None}
+    for s, _ in named.values():
+        s.search(q[:5], K)  # warm up
+    lat: dict[str, list[float]] = {k: [] for k in named}
+    order = list(named)
+    for i in range(min(n_lat, len(q))):
+        for k in order if i % 2 else order[::-1]:
+            t = time.perf_counter()
+            named[k][0].search(q[i : i + 1], K)
+            lat[k].append((time.perf_counter() - t) * 1000)
+    out = {}
+    for k, (s, gt) in named.items():
+        res = s.search(q, K)
+        out[k] = {
+            "recall_at_10_text": round(recall(res.ids, gt), 4),
+            "latency_ms_median": round(float(np.median(lat[k])), 3),
+            "latency_ms_p95": round(float(np.percentile(lat[k], 95)), 3),
+        }
     return out
 
 
@@ -388,6 +440,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="faiss threads for builds, appends, compaction")
     p.add_argument("--no-watch", action="store_true")
     p.add_argument("--base-only", action="store_true", help="make the data and build the base, then stop")
+    p.add_argument(
+        "--rebuild", action="store_true", help="rebuild the full-rebuild reference even if present"
+    )
     p.add_argument("--watch-files", type=int, default=5)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -80,20 +80,32 @@ def test_compact_retrains_only_when_recall_is_below_target(corpus, tmp_path):
     assert m.trained["image"]["file"] == "image.trained.index"
     assert open(os.path.join(folder, "image.trained.index"), "rb").read() == trained
 
+    # below the target: new search parameters on the same quantizer come first (no retraining)
     append_segment(index_cfg(emb["new2"], folder))
+    retuned = compact(CompactConfig(folder, all_segments=True, target_recall=0.999, nb_cores=1))
+    assert retuned["retrained"] == {}
+    assert retuned["recall"]["image"]["measured"] < 0.999 <= retuned["recall"]["image"]["retuned"]["recall"]
+    m = layout.read_manifest(folder)
+    assert m.trained["image"]["file"] == "image.trained.index"
+    assert m.trained["image"]["search_params"] == retuned["recall"]["image"]["retuned"]["search_params"]
+    assert open(os.path.join(folder, "image.trained.index"), "rb").read() == trained
+    # no search parameters reach it (4-bit codes are lossy): the quantizer is retrained on the live rows
+    folder = str(tmp_path / "ivfpq")
+    build(emb["base"], folder, "IVF16,SQ4", min_recall=0.3)
+    append_segment(index_cfg(emb["new1"], folder))
+    append_segment(index_cfg(emb["new2"], folder))
+    delete_rows(DeleteConfig(folder, ids=(0,)))
     redo = compact(CompactConfig(folder, all_segments=True, target_recall=0.999, nb_cores=1))
     assert set(redo["retrained"]) == {"image", "text"}
-    assert redo["recall"]["image"]["measured"] < 0.999
+    assert redo["recall"]["image"]["retuned"]["recall"] < 0.999
     m = layout.read_manifest(folder)
     seg = m.segments[0]
     assert m.trained["image"]["file"] == f"{seg.path}/image.trained.index"
     assert m.trained["image"]["search_params"] == redo["retrained"]["image"]["search_params"]
-    assert not os.path.exists(
-        os.path.join(folder, "image.trained.index")
-    )  # replaced, removed after the switch
+    assert not os.path.exists(os.path.join(folder, "image.trained.index"))  # replaced, removed after the switch
     # the next append uses the new quantizer and its tuned parameters
     assert append_segment(index_cfg(emb["new1"], folder))["appended"] == 0
     s = open_index(folder)
-    assert s.count == 2600
+    assert s.count == 2600 - 1
     res = s.search(corpus["data"]["new2"]["image"][:5], 1)
     assert (res.ids[:, 0] >= 0).all()

@@ -15,6 +15,7 @@ a reload opens only the new ones and reuses the others (and their filter caches)
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DENSE_DELETES = 0.5  # a segment with more rows deleted than this goes through the filter planner
 FILTER_CACHE = 64
+SHARE_MARGIN = 1.25  # re-rank candidates per segment: its share of k * k_factor, times this
 
 
 class Segment:
@@ -338,7 +340,8 @@ class SegmentedSearcher:
             allow = bm.parts[j] if bm is not None else seg.alive
             if bm is not None and (allow is None or allow.count == 0):
                 continue
-            d, i, plan = self._search_segment(seg, q, k, modality, p, allow, bm is not None)
+            sp = self._segment_params(seg, modality, p)
+            d, i, plan = self._search_segment(seg, q, k, modality, sp, allow, bm is not None)
             ok = i >= 0
             dists.append(np.where(ok, d, -np.inf).astype(np.float32))
             ids.append(np.where(ok, i + seg.offset, -1))
@@ -354,6 +357,22 @@ class SegmentedSearcher:
         d_all, i_all = _merge_topk(dists, ids, k)
         plan = "+".join(dict.fromkeys(plans))
         return SearchResult(d_all, i_all, plan, None if bm is None else bm.count, timings)
+
+    def _segment_params(self, seg: Segment, modality: str, p: SearchParams) -> SearchParams:
+        """The request's parameters for one segment. nprobe / efSearch stay as they are (the segments share
+        the quantizer, so the same lists are probed as in one merged index). The re-rank depth k_factor is
+        tuned for the whole index: k * k_factor candidates, which spread over the segments in proportion
+        to their sizes, so a segment re-ranks its share plus a margin for the spread (SHARE_MARGIN: a 20k
+        segment of 400k at k_factor 512 expects 256 of the 5120 candidates, +-16), never more."""
+        mi = seg.searcher.indices.get(modality)
+        if mi is None or len(self.segments) == 1:
+            return p
+        merged = p.merged(mi.defaults)
+        kf = merged.k_factor
+        if kf is None or kf <= 1 or self.live <= 0:
+            return p
+        share = max(1.0, math.ceil(SHARE_MARGIN * kf * seg.live / self.live))
+        return SearchParams(nprobe=merged.nprobe, efSearch=merged.efSearch, k_factor=min(kf, share))
 
     def _search_segment(
         self,

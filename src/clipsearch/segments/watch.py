@@ -9,7 +9,8 @@ without a restart (hot reload), so a small file is searchable seconds after it l
 Files are taken in name order. Names starting with `.` or `_` and names ending in `.tmp`, `.part` or
 `.crdownload` are ignored, so a writer that writes under such a name and renames when done is never
 read half-written; a file still growing (its size changes within `SETTLE_S`) waits for the next poll.
-`OUT/.watch-state.json` records each processed file (size, mtime, outcome, timings), so a restarted
+Once MERGE_AFTER small segments have piled up, they are merged into one (`index --compact`'s default
+policy: it reads only them). `OUT/.watch-state.json` records each processed file (size, mtime, outcome, timings), so a restarted
 watcher does not redo them; a file that failed is retried only when its size or mtime change. A file
 interrupted mid-way is redone on restart, and every stage resumes what it had finished (append skips
 parts already in the index).
@@ -33,6 +34,9 @@ STATE_FILE = ".watch-state.json"
 URL_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet")
 IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp")
 SETTLE_S = 0.2
+# merge the small appended segments once there are this many (search fans out over every segment; the
+# merge reads only them, so it costs in proportion to the appended rows, never the base)
+MERGE_AFTER = 8
 
 
 def _name(path: str) -> str:
@@ -142,6 +146,9 @@ class Watcher:
                     replace(self.cfg.index, embeddings_folder=embeddings, index_folder=self.index_folder)
                 )
                 rec.update(status="done", rows=int(rep["appended"]), segment=rep["segment"])
+                merged = self._merge_small_segments()
+                if merged:
+                    rec["merged"] = merged
             timings["index_s"] = time.perf_counter() - t
         except ClipsearchError as e:
             rec.update(status="failed", error=e.one_line())
@@ -155,6 +162,18 @@ class Watcher:
             "watch: %s -> %s (%s) in %.2f s", name, rec["status"], rec.get("segment"), timings["total_s"]
         )
         return rec
+
+    def _merge_small_segments(self) -> list[str] | None:
+        from clipsearch.segments import layout
+        from clipsearch.segments.compact import CompactConfig, compact
+
+        m = layout.read_manifest(self.index_folder)
+        largest = max((s.count for s in m.segments), default=0)
+        small = [s for s in m.segments if s.count < 0.5 * largest]
+        if len(small) < MERGE_AFTER:
+            return None
+        rep = compact(CompactConfig(self.index_folder, nb_cores=self.cfg.index.nb_cores))
+        return rep.get("merged")
 
     # ------------------------------------------------------------------ the loop
     def poll(self) -> list[dict[str, Any]]:

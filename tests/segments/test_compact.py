@@ -102,10 +102,36 @@ def test_compact_retrains_only_when_recall_is_below_target(corpus, tmp_path):
     seg = m.segments[0]
     assert m.trained["image"]["file"] == f"{seg.path}/image.trained.index"
     assert m.trained["image"]["search_params"] == redo["retrained"]["image"]["search_params"]
-    assert not os.path.exists(os.path.join(folder, "image.trained.index"))  # replaced, removed after the switch
+    assert not os.path.exists(
+        os.path.join(folder, "image.trained.index")
+    )  # replaced, removed after the switch
     # the next append uses the new quantizer and its tuned parameters
     assert append_segment(index_cfg(emb["new1"], folder))["appended"] == 0
     s = open_index(folder)
     assert s.count == 2600 - 1
     res = s.search(corpus["data"]["new2"]["image"][:5], 1)
     assert (res.ids[:, 0] >= 0).all()
+
+
+def test_compact_without_source_embeddings_reads_the_index_back(corpus, flat_index):
+    """An imported index records no source embeddings: compaction reconstructs the vectors from it."""
+    import json
+
+    info_path = os.path.join(flat_index, "index.json")
+    info = json.load(open(info_path))
+    info.pop("input", None)
+    json.dump(info, open(info_path, "w"))
+    for m in ("image", "text"):
+        os.remove(os.path.join(flat_index, f"{m}.trained.index"))
+    data = corpus["data"]
+    append_segment(index_cfg(corpus["emb"]["new1"], flat_index))
+    delete_rows(DeleteConfig(flat_index, ids=(1, 2001)))
+    q = np.concatenate([data["base"]["image"][:10], data["new1"]["image"][:10]])
+    before = _urls(flat_index, q)
+    rep = compact(CompactConfig(flat_index, all_segments=True, nb_cores=1))
+    assert rep["rows"] == 2298
+    assert _urls(flat_index, q) == before
+    sj = json.load(
+        open(os.path.join(flat_index, layout.read_manifest(flat_index).segments[0].path, "segment.json"))
+    )
+    assert sj["sources"] is None  # the base had none: later compactions read this segment's index too

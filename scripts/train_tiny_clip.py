@@ -482,7 +482,7 @@ def init_patch_whitening(model, views_u8: np.ndarray, n_patches: int = 20000, se
 
 def multi_positive_loss(logits_per_text: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE where match[i, j] marks image j as a positive for caption i."""
-    m = match.float()
+    m = match.float()  # weights >= 0; each row and column has a positive (the pair itself)
     lt = -(m / m.sum(1, keepdim=True) * F.log_softmax(logits_per_text, dim=1)).sum(1).mean()
     mt = m.t()
     li = -(mt / mt.sum(1, keepdim=True) * F.log_softmax(logits_per_text.t(), dim=1)).sum(1).mean()
@@ -594,19 +594,22 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--pool", type=int, default=24000, help="training views generated up front")
-    p.add_argument("--refresh", type=int, default=2000, help="views regenerated every 100 steps")
-    p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--pool", type=int, default=6000, help="training views generated up front")
+    p.add_argument("--refresh", type=int, default=600, help="views regenerated every 100 steps")
+    p.add_argument("--vision-width", type=int, default=96)
+    p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--text-width", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=3)
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--eval-n", type=int, default=1008, help="held-out images (multiple of 48 is balanced)")
-    p.add_argument("--aux", type=float, default=1.0, help="weight of the attribute-classifier loss")
+    p.add_argument("--aux", type=float, default=3.0, help="weight of the attribute-classifier loss")
+    p.add_argument(
+        "--bg-soft", type=float, default=0.3, help="target weight of a right object on another background"
+    )
     p.add_argument("--easy", type=float, default=0.5, help="share of easy views in the first pool")
     p.add_argument("--mimetic", type=int, default=1, help="mimetic init of the vision attention")
     p.add_argument("--whiten", type=int, default=1, help="whitened-PCA init of the patch embedding")
@@ -716,9 +719,14 @@ def main(argv=None) -> int:
         nc = np.array([n[0] or "" for n in named])
         ns = np.array([n[1] or "" for n in named])
         nb = np.array([n[2] or "" for n in named])
-        match = (nc[:, None] == "") | (nc[:, None] == np.array(ac)[None, :])
-        match &= (ns[:, None] == "") | (ns[:, None] == np.array(as_)[None, :])
-        match &= (nb[:, None] == "") | (nb[:, None] == np.array(ab)[None, :])
+        cs_ok = (nc[:, None] == "") | (nc[:, None] == np.array(ac)[None, :])
+        cs_ok &= (ns[:, None] == "") | (ns[:, None] == np.array(as_)[None, :])
+        bg_ok = (nb[:, None] == "") | (nb[:, None] == np.array(ab)[None, :])
+        # graded targets: for "red circle on grass", a red circle on sand is a weaker positive, so
+        # the object outranks the background (a red star on grass is not a positive at all)
+        names_object = ((nc != "") | (ns != ""))[:, None]
+        match = (cs_ok & bg_ok).astype(np.float32)
+        match += (cs_ok & ~bg_ok & names_object).astype(np.float32) * args.bg_soft
         outputs = model(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=to_pixels(views)
         )

@@ -147,11 +147,6 @@ def _download_like(img: Image.Image, canvas: int = 256) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-@pytest.mark.xfail(
-    reason="the shipped tiny model reaches colour+shape recall@5 of about 0.7 (colour 1.0, shape 0.83), "
-    "short of 0.8: a longer training run on a quiet machine is open (docs/tiny_model.md)",
-    strict=False,
-)
 def test_retrieval_colour_shape_recall_at_5(model, processor):
     """~300 held-out images (6 of each colour+shape pair): for "a red circle", >= 80% of the top 5
     images must be red circles, averaged over all 48 colour+shape queries."""

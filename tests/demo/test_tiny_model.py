@@ -166,8 +166,18 @@ def test_retrieval_colour_shape_recall_at_5(model, processor):
         enc = processor.tokenizer(texts, padding=True, return_tensors="pt")
         txt_emb = torch.nn.functional.normalize(_features(model.get_text_features(**enc)), dim=-1)
         top = (txt_emb @ img_emb.T).topk(5, dim=1).indices.tolist()
+        # the same objects asked for on a background: the object must still come first
+        enc = processor.tokenizer(
+            [f"{c} {s} on grass" for c, s in queries], padding=True, return_tensors="pt"
+        )
+        bg_emb = torch.nn.functional.normalize(_features(model.get_text_features(**enc)), dim=-1)
+        top_bg = (bg_emb @ img_emb.T).topk(5, dim=1).indices.tolist()
     per_query = [np.mean([attrs[j] == q for j in top[k]]) for k, q in enumerate(queries)]
     colour_ok = np.mean([np.mean([attrs[j][0] == q[0] for j in top[k]]) for k, q in enumerate(queries)])
     recall = float(np.mean(per_query))
     assert colour_ok >= 0.9, f"colour alone {colour_ok:.3f}"
     assert recall >= 0.8, f"colour+shape recall@5 {recall:.3f} (colour alone {colour_ok:.3f})"
+    with_bg = float(np.mean([np.mean([attrs[j] == q for j in top_bg[k]]) for k, q in enumerate(queries)]))
+    assert with_bg >= 0.7, (
+        f"'<colour> <shape> on grass' returns that colour+shape in {with_bg:.3f} of its top 5"
+    )

@@ -97,11 +97,6 @@ def test_text_queries_find_the_colour(built, tmp_path):
     assert colour >= 0.9, f"share of the top 5 with the asked colour {colour:.2f} < 0.9"
 
 
-@pytest.mark.xfail(
-    reason="the shipped tiny model has not learnt shapes yet (colour+shape recall@5 about 0.2-0.3; "
-    "colour alone 1.0): retraining on a quiet machine is open, see docs/tiny_model.md",
-    strict=False,
-)
 def test_text_queries_find_colour_and_shape(built, tmp_path):
     both, _ = _colour_shape_recall(built, tmp_path)
     assert both >= 0.8, f"recall@5 on colour+shape queries {both:.2f} < 0.8"

@@ -206,3 +206,32 @@ def test_part_units_are_picklable_and_run_in_a_process_pool(emb_folder, tmp_path
     index = read_index(os.path.join(out, "image.index"), mmap=True)
     apply_search_params(index, info["indices"]["image"]["search_params"])
     assert index.ntotal == 7500 and recall(index, arrays["image"], arrays["text"][:50]) >= 0.9
+
+
+@pytest.mark.parametrize("key", ["IVF16,PQ8x4fs", "IVF8,PQ16x4fsr"])
+def test_fast_scan_lists_merge_like_one_add(key):
+    """Merging many fast-scan parts (list sizes crossing block boundaries) gives the same index as adding
+    all vectors to one: faiss's own merge_from corrupts the heap in this case."""
+    from clipsearch.index.build import merge_block_lists
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24_000, 16)).astype(np.float32)
+    trained = faiss.index_factory(16, key, faiss.METRIC_INNER_PRODUCT)
+    trained.train(x[:4000])
+    whole = faiss.clone_index(trained)
+    whole.add(x)
+    parts = []
+    for i in range(12):
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[i * 2000 : (i + 1) * 2000], np.arange(i * 2000, (i + 1) * 2000))
+        parts.append(part)
+    merged = faiss.clone_index(trained)
+    merge_block_lists(faiss.extract_index_ivf(merged), parts)
+    assert merged.ntotal == whole.ntotal == 24_000
+    for index in (whole, merged):
+        faiss.extract_index_ivf(index).nprobe = 4
+    d1, i1 = whole.search(x[:100], 10)
+    d2, i2 = merged.search(x[:100], 10)
+    assert np.array_equal(i1, i2) and np.allclose(d1, d2)
+    with pytest.raises(IndexBuildError, match="empty target"):
+        merge_block_lists(faiss.extract_index_ivf(merged), parts[:1])

@@ -207,3 +207,33 @@ def test_bad_index_folders_fail_with_one_line(tmp_path, encoder, breakage, messa
         IndexSearcher(folder)
     assert isinstance(e.value, ClipsearchError)
     assert message in e.value.one_line() and "\n" not in e.value.one_line()
+
+
+def test_flat_fast_scan_plan_serves_with_params_and_filters(tmp_path, encoder):
+    """The planner's flat fast-scan plan (PQ..x4fs,Refine(SQ..)) takes no faiss SearchParameters at its
+    base: k_factor still applies at the refine level, and filters are applied after the scan."""
+    folder = str(tmp_path / "fs")
+    data = build_index(
+        folder,
+        n=20_000,
+        encoder=encoder,
+        image_factory="PQ8x4fs,Refine(SQ8)",
+        text_factory=None,
+        search_params={"k_factor": 8},
+        seed=3,
+    )
+    s = IndexSearcher(folder, exact_max=0)
+    vecs = data["image"].astype(np.float32)
+    q = queries(encoder)
+    truth = exact_topk(vecs, np.arange(len(vecs)), q, 10)[1]
+    res = s.search(q, 10)
+    assert res.plan == "ann"
+    narrow = recall(res.ids, truth, vecs, q)
+    wide = recall(s.search(q, 10, params=SearchParams(k_factor=64)).ids, truth, vecs, q)
+    assert wide >= 0.9 and wide > narrow + 0.1, (narrow, wide)  # the request's k_factor reached faiss
+    for expr in ("shard == 3", "bucket == 7"):  # 1 % and 0.1 %: post-filtered, then exact fallback
+        mask = s.filter_bitmap(expr).mask
+        got = s.search(q, 10, filter=expr)
+        assert got.plan.startswith("ann+postfilter")
+        assert (got.ids >= 0).all() and mask[got.ids].all()
+        assert recall(got.ids, exact_filtered(vecs, mask, q, 10), vecs, q) >= 0.95, expr

@@ -301,10 +301,9 @@ def merge_ivf(work_dir: str, names: list[str], modality: str, total: int, out_pa
     fast_scan = isinstance(ivf, faiss.IndexIVFFastScan)
     paths = [part_paths(work_dir, n, modality) for n in names]
     if fast_scan:
-        for p in paths:
-            part = faiss.read_index(p["index"])
-            ivf.merge_from(faiss.extract_index_ivf(part), 0)
-            del part
+        parts = [faiss.read_index(p["index"]) for p in paths]
+        merge_block_lists(ivf, [faiss.extract_index_ivf(part) for part in parts])
+        del parts
     else:
         ivfdata = out_path[: -len(".index")] + ".ivfdata"
         if os.path.exists(ivfdata):
@@ -333,6 +332,50 @@ def merge_ivf(work_dir: str, names: list[str], modality: str, total: int, out_pa
         index.ntotal = total
     write_index_atomic(index, out_path)
     return index, not fast_scan
+
+
+def merge_block_lists(target, parts: list) -> None:
+    """Move the fast-scan (block-packed) inverted lists of `parts` into the empty lists of `target`.
+
+    faiss's own IndexIVFFastScan.merge_from appends packed blocks with an offset bug (it copies whole
+    blocks past the end of a list whose size is a multiple of the block size: heap corruption after a
+    few merges, faiss 1.15). Here each list is unpacked from every part, concatenated and packed once
+    into an empty target list, the one case faiss copies correctly.
+    """
+    faiss = faiss_mod()
+    dst = faiss.downcast_InvertedLists(target.invlists)
+    if dst.compute_ntotal() != 0:
+        raise IndexBuildError("merge_block_lists needs an empty target index")
+    srcs = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(p).invlists) for p in parts]
+    packer = dst.packer
+    nvec, block, code_size = int(packer.nvec), int(packer.block_size), int(packer.code_size)
+    added = 0
+    for lno in range(dst.nlist):
+        ids_parts, code_parts = [], []
+        for src in srcs:
+            n = int(src.list_size(lno))
+            if n == 0:
+                continue
+            nb = -(-n // nvec)
+            packed = faiss.rev_swig_ptr(src.get_codes(lno), nb * block)
+            flat = np.empty((nb * nvec, code_size), dtype=np.uint8)
+            for b in range(nb):
+                packer.unpack_all(faiss.swig_ptr(packed[b * block :]), faiss.swig_ptr(flat[b * nvec :]))
+            code_parts.append(flat[:n])
+            ids_parts.append(faiss.rev_swig_ptr(src.get_ids(lno), n).copy())
+        if not ids_parts:
+            continue
+        ids = np.ascontiguousarray(np.concatenate(ids_parts), dtype=np.int64)
+        n = len(ids)
+        nb = -(-n // nvec)
+        flat = np.zeros((nb * nvec, code_size), dtype=np.uint8)
+        flat[:n] = np.concatenate(code_parts)
+        packed = np.zeros(nb * block, dtype=np.uint8)
+        for b in range(nb):
+            packer.pack_all(faiss.swig_ptr(flat[b * nvec :]), faiss.swig_ptr(packed[b * block :]))
+        dst.add_entries(lno, n, faiss.swig_ptr(ids), faiss.swig_ptr(packed))
+        added += n
+    target.ntotal = added
 
 
 def _fix_ntotal(index, total: int) -> None:

@@ -403,6 +403,14 @@ class FilterBitmap:
     def selectivity(self) -> float:
         return self.count / max(1, self.n)
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """bool array shaped like `ids`: whether each id is allowed (ids outside [0, n) are not)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        valid = (ids >= 0) & (ids < self.n)
+        safe = np.where(valid, ids, 0)
+        bits = (self.packed[safe >> 3] >> (safe & 7).astype(np.uint8)) & 1
+        return valid & bits.astype(bool)
+
     def selector(self) -> Any:
         """A fresh faiss IDSelectorBitmap over this bitmap (the bitmap stays alive with this object)."""
         import faiss

@@ -112,6 +112,10 @@ def build_search_params(index: Any, p: SearchParams, sel: Any = None, keep: list
         params = faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(idx.nlist))))
         if sel is not None:
             params.sel = sel
+    elif isinstance(idx, faiss.IndexFastScan):
+        # flat fast-scan (PQ..x4fs without IVF) refuses any SearchParameters, selector included:
+        # searchers post-filter its results instead (see ModalityIndex.supports_selector)
+        return None
     elif isinstance(idx, faiss.IndexHNSW):
         ef = p.efSearch if p.efSearch is not None else int(idx.hnsw.efSearch)
         params = faiss.SearchParametersHNSW(efSearch=max(1, int(ef)))
@@ -187,6 +191,10 @@ class ModalityIndex:
         self.is_flat = isinstance(self.inner, faiss.IndexFlat)
         self.is_ivf = isinstance(self.inner, faiss.IndexIVF)
         self.is_hnsw = isinstance(self.inner, faiss.IndexHNSW)
+        # faiss applies an IDSelector inside the scan of every index kind but flat fast-scan
+        self.supports_selector = not (
+            isinstance(self.inner, faiss.IndexFastScan) and not isinstance(self.inner, faiss.IndexIVF)
+        )
         self.vectors: np.ndarray | None = None
         vname = info.get("vectors") or f"{modality}.vectors.npy"
         vpath = os.path.join(folder, vname)
@@ -263,6 +271,23 @@ class ModalityIndex:
             return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
         except RuntimeError as e:
             raise InputError(f"{self.path}: cannot read vectors back from a {self.factory} index: {e}") from e
+
+
+def _post_filter(
+    mi: ModalityIndex, q: np.ndarray, k: int, p: SearchParams, bm: FilterBitmap
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k allowed hits from an index without selector support: fetch enough candidates that about
+    2k of them pass the filter, keep the allowed ones in rank order (rows left short get id -1)."""
+    fetch = int(min(mi.ntotal, max(k, math.ceil(2 * k / max(bm.selectivity, 1e-9)), 4 * k)))
+    dist, ids_ = mi.search(q, fetch, p)
+    ok = (ids_ >= 0) & bm.contains(ids_)
+    out_d = np.full((q.shape[0], k), -np.inf, np.float32)
+    out_i = np.full((q.shape[0], k), -1, np.int64)
+    for row in range(q.shape[0]):
+        keep = np.flatnonzero(ok[row])[:k]
+        out_d[row, : len(keep)] = dist[row, keep]
+        out_i[row, : len(keep)] = ids_[row, keep]
+    return out_d, out_i
 
 
 class IndexSearcher:
@@ -436,8 +461,12 @@ class IndexSearcher:
             wp = SearchParams(int(math.ceil(int(mi.inner.nprobe) * widen)), wp.efSearch, wp.k_factor)
         rerank = mi.vectors is not None and not mi.exact_distances
         kk = k * RERANK_FACTOR if rerank else k
-        dist, ids_ = mi.search(q, kk, wp, bm.selector())
-        plan = "ann+filter"
+        if mi.supports_selector:
+            dist, ids_ = mi.search(q, kk, wp, bm.selector())
+            plan = "ann+filter"
+        else:  # the index cannot skip ids while scanning: over-fetch, then drop what the filter refuses
+            dist, ids_ = _post_filter(mi, q, kk, wp, bm)
+            plan = "ann+postfilter"
         if rerank:  # quantized codes rank roughly: re-rank the candidates with the stored vectors
             dist, ids_ = _rerank(mi, q, dist, ids_, k)
             plan = "ann+filter+rerank"

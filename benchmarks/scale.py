@@ -63,6 +63,8 @@ class PeakRSS:
 def generate(
     work: Path, n: int, d: int, part_rows: int, nq: int, k: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
     emb = work / "emb"
     emb.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -89,9 +91,10 @@ def generate(
         with open(tmp, "wb") as f:
             np.save(f, x16)
         os.replace(tmp, emb / f"{p:05d}.npy")
-        s = q @ x16.astype(np.float32).T  # the index sees the float16 values: exact search on them
-        top = np.argpartition(-s, k, axis=1)[:, :k]
-        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+        # the index sees the float16 values: exact search on them (faiss's blocked scan with a heap;
+        # a numpy matmul + argpartition over [nq, 1M] costs 10x more)
+        part_s, top = faiss.knn(q, x16.astype(np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
+        cand_s = np.concatenate([best_s, part_s], axis=1)
         cand_i = np.concatenate([best_i, top + start], axis=1)
         order = np.argsort(-cand_s, axis=1)[:, :k]
         best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -243,6 +244,78 @@ def load(port: int, path: str, bodies: list[dict], concurrency: int, duration: f
     return asyncio.run(_load(port, path, bodies, concurrency, duration))
 
 
+async def _load_rate(port: int, path: str, bodies: list[dict], rate: float, duration: float) -> dict:
+    """Open loop: one request every 1/rate s whatever the server does (up to 256 in flight), latency from
+    the scheduled send time, so a stalled server shows in the tail (no coordinated omission)."""
+    lat: list[float] = []
+    errors = 0
+    statuses: dict[int, int] = {}
+    idle: list = []
+    sem = asyncio.Semaphore(256)
+
+    async def one(body: dict, scheduled: float) -> None:
+        nonlocal errors
+        async with sem:
+            conn = idle.pop() if idle else None
+            raw = _raw(path, port, body)
+            try:
+                try:
+                    if conn is None:
+                        conn = await asyncio.open_connection("127.0.0.1", port)
+                    status, close = await asyncio.wait_for(_request(*conn, raw), timeout=60)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    # a pooled keep-alive connection the server closed while idle: like any HTTP client
+                    # pool, retry once on a new connection (the latency still counts from `scheduled`)
+                    if conn is not None:
+                        conn[1].close()
+                    conn = await asyncio.open_connection("127.0.0.1", port)
+                    status, close = await asyncio.wait_for(_request(*conn, raw), timeout=60)
+            except Exception:
+                errors += 1
+                if conn is not None:
+                    conn[1].close()
+                return
+            lat.append(time.perf_counter() - scheduled)
+            statuses[status] = statuses.get(status, 0) + 1
+            errors += status != 200
+            if close:
+                conn[1].close()
+            else:
+                idle.append(conn)
+
+    tasks = []
+    gc.collect()
+    gc.freeze()  # the client's own collections must not show as server latency
+    t0 = time.perf_counter()
+    n = int(rate * duration)
+    for i in range(min(n, len(bodies))):
+        scheduled = t0 + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(bodies[i], scheduled)))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    for conn in idle:
+        conn[1].close()
+    a = np.array(lat) if lat else np.array([float("nan")])
+    return {
+        "rate": rate,
+        "requests": len(lat),
+        "errors": errors,
+        "statuses": statuses,
+        "seconds": round(wall, 2),
+        "qps": round(len(lat) / wall, 1),
+        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 1),
+        "p90_ms": round(float(np.percentile(a, 90)) * 1000, 1),
+        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 1),
+    }
+
+
+def load_rate(port: int, path: str, bodies: list[dict], rate: float, duration: float) -> dict:
+    return asyncio.run(_load_rate(port, path, bodies, rate, duration))
+
+
 # ------------------------------------------------------------------------------------------ servers
 def free_port() -> int:
     with socket.socket() as s:
@@ -386,12 +459,25 @@ def bench_tiny(folder: Path, work: Path, a: argparse.Namespace) -> dict:
         out["rss_idle_mb"] = rss(proc.pid)
         load(port, "/knn", [{"text": p, "k": 10} for p in prompts(300, 99)], a.concurrency, 5)  # warm-up
         runs = []
-        for r in range(a.rounds):
+        for r in range(a.rounds if a.only != "rate" else 0):
             bodies = [{"text": p, "k": 10} for p in prompts(200_000, 10 + r)]
             runs.append(load(port, "/knn", bodies, a.concurrency, a.duration))
         out["load_runs"] = runs
-        out["load"] = median_run(runs)
+        out["load"] = median_run(runs) if runs else None
+        for rate in a.rates:  # open loop at fixed rates: the p99 a client sending that many q/s sees
+            rr = [
+                load_rate(
+                    port, "/knn", [{"text": p, "k": 10} for p in prompts(50_000, 30 + r)], rate, a.duration
+                )
+                for r in range(a.rounds)
+            ]
+            out[f"rate_{rate:g}"] = {
+                "runs": rr,
+                "median_p99": sorted(rr, key=lambda r: r["p99_ms"])[len(rr) // 2],
+            }
         out["rss_loaded_mb"] = rss(proc.pid)
+        if a.only == "rate":
+            return out
         out["load_c1"] = load(
             port, "/knn", [{"text": p, "k": 10} for p in prompts(50_000, 2)], 1, a.duration / 2
         )
@@ -497,6 +583,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/clipsearch-bench-serve")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per load run")
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--rates", type=float, nargs="*", default=[300.0], help="open-loop request rates to test (q/s)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="load runs per server (the median is reported)")
     ap.add_argument("--tiny-model", default="clipsearch-tiny")
     ap.add_argument(
@@ -504,7 +593,7 @@ def main() -> None:
     )
     ap.add_argument("--cr-python", default=None, help="python of a venv with clip-retrieval")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--only", default="all", choices=["all", "tiny", "reference", "recall", "memory"])
+    ap.add_argument("--only", default="all", choices=["all", "tiny", "rate", "reference", "recall", "memory"])
     ap.add_argument("--n-mem", type=int, default=10_000_000, help="rows of the index for the memory run")
     a = ap.parse_args()
     work = Path(a.work)
@@ -518,7 +607,7 @@ def main() -> None:
         results["memory"] = bench_memory(work, a, int(load_clip(a.tiny_model).dim))
         print(json.dumps(results["memory"], indent=1), flush=True)
 
-    if a.only in ("all", "tiny", "recall"):
+    if a.only in ("all", "tiny", "rate", "recall"):
         from clipsearch.embed.models import load_clip
 
         tiny = load_clip(a.tiny_model)
@@ -533,7 +622,7 @@ def main() -> None:
         if a.only in ("all", "recall"):
             results["filtered_recall"] = filtered_recall(tiny_dir)
             print(json.dumps(results["filtered_recall"], indent=1), flush=True)
-        if a.only in ("all", "tiny"):
+        if a.only in ("all", "tiny", "rate"):
             results["clipsearch_tiny"] = bench_tiny(tiny_dir, work, a)
             print(json.dumps(results["clipsearch_tiny"], indent=1), flush=True)
 

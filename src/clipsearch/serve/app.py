@@ -6,6 +6,7 @@ a one-line ClipsearchError. Every malformed request gets a 4xx with a clear mess
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -121,6 +122,11 @@ def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        # Everything loaded so far (model, tokenizer, indices, routes) lives as long as the server: move it
+        # out of the collector's view, so that full collections under load scan only request garbage
+        # (they took 100-500 ms with the model's objects in the heap: the p99 of a 300 q/s run).
+        gc.collect()
+        gc.freeze()
         yield
         await state.aclose()
 

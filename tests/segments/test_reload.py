@@ -47,6 +47,13 @@ def test_new_segment_is_served_without_restart(corpus, flat_index):
         )
         info = client.get("/indices").json()["indices"][0]
         assert info["count"] == 2300
+        assert [(g["offset"], g["count"], g["deleted"]) for g in info["segments"]] == [
+            (0, 2000, 0),
+            (2000, 300, 0),
+        ]
+        assert info["generation"] >= 1 and info["deleted"] == 0
+        metrics = client.get("/metrics").text
+        assert 'clipsearch_index_vectors{index="i",modality="image"} 2300.0' in metrics
         # a filter reaches the new segment too
         assert _top(client, vec, filter='key startswith "n2-"')[0]["id"] == 2150
 

@@ -116,13 +116,25 @@ class ModalityInfo(BaseModel):
     search_params: dict[str, Any]
 
 
+class SegmentInfo(BaseModel):
+    name: str
+    path: str
+    offset: int = Field(description="global id of the segment's first row")
+    count: int
+    uid: str
+    deleted: int = Field(description="rows of this segment deleted (tombstones)")
+
+
 class IndexInfo(BaseModel):
     name: str
     model: str | None
     dim: int
-    count: int
+    count: int = Field(description="rows served (deleted rows excluded)")
     modalities: dict[str, ModalityInfo]
     columns: dict[str, str]
+    generation: int | None = Field(None, description="segment manifest generation (segmented indices)")
+    deleted: int | None = Field(None, description="rows deleted since the last compaction")
+    segments: list[SegmentInfo] | None = Field(None, description="the visible segments, in id order")
 
 
 class IndicesResponse(BaseModel):

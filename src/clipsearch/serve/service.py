@@ -103,7 +103,12 @@ class ServeState:
             encoder, settings.unsafe_prompts, settings.safe_prompts, settings.safety_threshold
         )
         self.model_name = str(getattr(encoder, "name", "unknown"))
-        for name, s in searchers.items():
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """Vectors served per index and modality, read from the current generation (appends and deletes
+        of a segmented index change them while the server runs)."""
+        for name, s in self.searchers.items():
             for m, mi in s.indices.items():
                 self.metrics.vectors.labels(name, m).set(mi.ntotal)
 

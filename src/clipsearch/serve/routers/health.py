@@ -27,4 +27,5 @@ def healthz(state: State) -> dict[str, Any]:
     responses={200: {"content": {"text/plain": {}}}},
 )
 def metrics(state: State) -> Response:
+    state.refresh_gauges()
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

@@ -75,6 +75,7 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
         cards = page.locator(".card")
         assert cards.count() == 24
         assert "red" in cards.first.locator(".caption").inner_text()
+        assert "q=a+red+circle" in page.url and "index=shapes" in page.url  # the search is in the address
         page.wait_for_function(
             "Array.from(document.images).filter(i => i.closest('.card')).slice(0, 8).every(i => i.complete)"
         )
@@ -135,5 +136,16 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
         _shot(page, "phone.png", tmp_path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, "the page scrolls sideways on a phone"
+        assert not errors, errors
+        page.close()
+
+        # an address with a query runs it on load (bookmarks, shared links)
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/?q=a%20blue%20square&index=shapes")
+        page.wait_for_selector(".card")
+        assert page.input_value("#q") == "a blue square"
+        assert page.input_value("#index") == "shapes"
+        assert "blue" in page.locator(".card .caption").first.inner_text()
         assert not errors, errors
         page.close()

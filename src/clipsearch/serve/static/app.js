@@ -227,7 +227,7 @@ function searchImageFile(file) {
 els.form.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = els.q.value.trim();
-  if (text) { setQuery({ kind: "text", value: text }); search(false); }
+  if (text) { setQuery({ kind: "text", value: text }); rememberQuery(text); search(false); }
   else if (current) search(false);
   else els.q.focus();
 });
@@ -278,5 +278,19 @@ document.addEventListener("drop", (ev) => {
   if (f) searchImageFile(f);
 });
 
-loadIndices();
+// A text search is kept in the address (?q=...&index=...): a results page can be bookmarked, shared or
+// reloaded, and opening such an address runs its search.
+function rememberQuery(text) {
+  const params = new URLSearchParams({ q: text });
+  if (indices.length > 1) params.set("index", els.index.value);
+  history.replaceState(null, "", "?" + params.toString());
+}
+
+loadIndices().then(() => {
+  const params = new URLSearchParams(location.search);
+  const wanted = params.get("index");
+  if (wanted && indices.some((i) => i.name === wanted)) { els.index.value = wanted; updateFilterFields(); }
+  const q = (params.get("q") || "").trim();
+  if (q) { els.q.value = q; setQuery({ kind: "text", value: q }); search(false); }
+});
 els.q.focus();

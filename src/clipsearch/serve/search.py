@@ -204,6 +204,8 @@ class ModalityIndex:
                 raise InputError(f"{vpath} has shape {v.shape}, expected ({self.ntotal}, {dim})")
             self.vectors = v
         self._direct_map_lock = threading.Lock()
+        # (nprobe, efSearch, k_factor) -> (faiss params, objects to keep alive); read-only once built
+        self._params_cache: dict[tuple[Any, ...], tuple[Any, list[Any]]] = {}
         self._direct_map_ready = not self.is_ivf
 
     @property
@@ -237,8 +239,21 @@ class ModalityIndex:
             # per calling thread (an OpenMP ICV): server request threads search with one thread each
             faiss.omp_set_num_threads(self.threads)
             _tls.omp = self.threads
-        keep: list[Any] = [sel]
-        params = build_search_params(self.index, p.merged(self.defaults), sel, keep)
+        merged = p.merged(self.defaults)
+        if sel is None:
+            # unfiltered searches reuse one parameter tree per setting: building the SWIG objects costs
+            # more than a small index's search (a segmented index runs one search per segment)
+            key = (merged.nprobe, merged.efSearch, merged.k_factor)
+            cached = self._params_cache.get(key)
+            if cached is None:
+                keep: list[Any] = []
+                cached = (build_search_params(self.index, merged, None, keep), keep)
+                if len(self._params_cache) < 32:
+                    self._params_cache[key] = cached
+            dist, ids_ = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=cached[0])
+            return dist, ids_
+        keep = [sel]
+        params = build_search_params(self.index, merged, sel, keep)
         dist, ids_ = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=params)
         del keep
         return dist, ids_

@@ -237,3 +237,29 @@ def test_flat_fast_scan_plan_serves_with_params_and_filters(tmp_path, encoder):
         assert got.plan.startswith("ann+postfilter")
         assert (got.ids >= 0).all() and mask[got.ids].all()
         assert recall(got.ids, exact_filtered(vecs, mask, q, 10), vecs, q) >= 0.95, expr
+
+
+def test_hnsw_quantizer_searched_as_tuned(tmp_path, encoder):
+    """An IVF index with an HNSW coarse quantizer is served with the quantizer efSearch the tuner measured
+    with (a stored efSearch of 16 found far fewer true lists: recall 0.16 instead of 0.35 at 50M)."""
+    from clipsearch.index.build import apply_search_params
+
+    folder = str(tmp_path / "hq")
+    data = build_index(
+        folder,
+        n=20_000,
+        encoder=encoder,
+        image_factory="IVF1024_HNSW32,Flat",
+        text_factory=None,
+        search_params={"nprobe": 8},
+        seed=5,
+    )
+    s = IndexSearcher(folder)
+    ivf = faiss.extract_index_ivf(s.indices["image"].index)
+    faiss.downcast_index(ivf.quantizer).hnsw.efSearch = 1  # a poor stored value must not matter
+    q = queries(encoder)
+    served = s.search(q, 10).ids
+    tuned = faiss.read_index(os.path.join(folder, "image.index"))
+    apply_search_params(tuned, {"nprobe": 8})
+    assert np.array_equal(served, tuned.search(q, 10)[1])
+    assert len(data["image"]) == 20_000

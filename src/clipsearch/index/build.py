@@ -439,7 +439,9 @@ def apply_search_params(index, params: dict) -> None:
             idx.nprobe = int(params["nprobe"])
             q = typed(idx.quantizer)
             if isinstance(q, faiss.IndexHNSW):
-                q.hnsw.efSearch = max(int(params["nprobe"]) * 2, 64)
+                from clipsearch.serve.search import quantizer_ef_search
+
+                q.hnsw.efSearch = quantizer_ef_search(int(params["nprobe"]))
         return
     if isinstance(idx, faiss.IndexHNSW):
         if params.get("efSearch") is not None:

@@ -88,6 +88,11 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def quantizer_ef_search(nprobe: int) -> int:
+    """efSearch of an HNSW coarse quantizer for a given nprobe (shared with the tuner)."""
+    return max(2 * int(nprobe), 64)
+
+
 def build_search_params(index: Any, p: SearchParams, sel: Any = None, keep: list[Any] | None = None) -> Any:
     """A faiss SearchParameters tree for `index` carrying nprobe/efSearch/k_factor and the selector.
 
@@ -108,8 +113,15 @@ def build_search_params(index: Any, p: SearchParams, sel: Any = None, keep: list
     elif isinstance(idx, faiss.IndexIDMap):
         params = build_search_params(idx.index, p, sel, keep)
     elif isinstance(idx, faiss.IndexIVF):
-        nprobe = p.nprobe if p.nprobe is not None else int(idx.nprobe)
-        params = faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(idx.nlist))))
+        nprobe = max(1, min(int(p.nprobe if p.nprobe is not None else idx.nprobe), int(idx.nlist)))
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        quantizer = faiss.downcast_index(idx.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            # an HNSW coarse quantizer must look at more than nprobe candidates to find the nprobe nearest
+            # lists; the tuner measured with this efSearch (build.apply_search_params), so serve with it
+            qp = faiss.SearchParametersHNSW(efSearch=quantizer_ef_search(nprobe))
+            keep.append(qp)
+            params.quantizer_params = qp
         if sel is not None:
             params.sel = sel
     elif isinstance(idx, faiss.IndexFastScan):

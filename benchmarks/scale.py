@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--budget", default="3G")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--work", default="/work/bench-data/scale")
+    ap.add_argument(
+        "--measure-only", action="store_true", help="reuse a built index: serve-side figures only"
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -129,11 +132,17 @@ def main() -> None:
         tuning_queries=str(work / "queries.npy"),
         progress=False,
     )
-    t0 = time.perf_counter()
-    with PeakRSS() as rss:
-        info = build_index(cfg)
-    build_s = time.perf_counter() - t0
-    print(f"built in {build_s:.0f}s, peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
+    previous = json.loads((work / "scale.json").read_text()) if (work / "scale.json").exists() else None
+    if args.measure_only and previous and (out / "index.json").exists():
+        # serve-side figures again (e.g. after a change to the search path); the build's are kept
+        info = json.loads((out / "index.json").read_text())
+        build_s, peak = previous["build_s"], previous["build_peak_rss_gib"] * 2**30
+    else:
+        t0 = time.perf_counter()
+        with PeakRSS() as rss:
+            info = build_index(cfg)
+        build_s, peak = time.perf_counter() - t0, rss.peak
+        print(f"built in {build_s:.0f}s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
 
     from clipsearch.serve.search import IndexSearcher
 
@@ -155,7 +164,8 @@ def main() -> None:
         "factory": info["indices"]["image"]["factory"],
         "search_params": info["indices"]["image"].get("search_params"),
         "build_s": round(build_s, 1),
-        "build_peak_rss_gib": round(rss.peak / 2**30, 2),
+        "build_peak_rss_gib": round(peak / 2**30, 2),
+        "build_timings_s": info.get("timings"),
         "serve_rss_gib_after_queries": round(serve_rss / 2**30, 3),
         "recall_at_10_text_like": round(recall, 4),
         "latency_ms_p50": round(float(np.median(lat)), 2),

@@ -1,0 +1,62 @@
+"""Re-measure the search table of benchmarks/segments.py on folders it left behind (same queries, same
+interleaving), e.g. after a change to the search path or on a quieter machine:
+
+    python benchmarks/segments_latency.py WORKDIR [--n-lat 400] [--out results-latency.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from segments import eval_queries, exact_topk, interleaved  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdir")
+    ap.add_argument("--n-lat", type=int, default=400)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import faiss
+
+    from clipsearch.segments.search import open_index
+
+    w = a.workdir
+    folders = [os.path.join(w, "emb-base")] + sorted(
+        os.path.join(w, f) for f in os.listdir(w) if f.startswith("emb-seg")
+    )
+    cfg = (
+        json.load(open(os.path.join(w, "results.json")))["config"]
+        if os.path.exists(os.path.join(w, "results.json"))
+        else {"nq": 500, "dim": 512, "segments": len(folders) - 1}
+    )
+    q = eval_queries(cfg["nq"], cfg["dim"])
+    gt = exact_topk(folders, q)
+    faiss.omp_set_num_threads(1)
+    opened = {}
+    named = {
+        f"{cfg['segments'] + 1} segments": os.path.join(w, "index-10seg"),
+        "base + merged appends": os.path.join(w, "index-compact-small"),
+        "compacted, quantizer kept": os.path.join(w, "index-compact-all"),
+        "full rebuild": os.path.join(w, "index-rebuilt"),
+    }
+    for k, p in named.items():
+        if os.path.exists(p):
+            opened[k] = (open_index(p), gt)
+            opened[k][0].search(q, 10)  # warm: the memory-mapped codes the queries touch are read once
+    out = interleaved(opened, q, n_lat=a.n_lat)
+    for k, v in out.items():
+        print(f"{k}: {v}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    main()

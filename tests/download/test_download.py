@@ -560,3 +560,14 @@ def test_per_host_concurrency_cap(server, tmp_path):
     st = download(cfg(tmp_path, url_list, thread_count=8, max_connections_per_host=2, timeout=5))
     assert st["this_run"]["status"] == {"success": 12}
     assert 1 <= server.state.max_in_flight <= 2
+
+
+@pytest.mark.parametrize("column, expected", [("caption", "a red thing"), ("text", None)])
+def test_caption_column_defaults_to_caption(server, tmp_path, column, expected):
+    """Without --caption-col, a list's `caption` column is the caption; a list without one has none."""
+    url_list = write_input(tmp_path, "parquet", [{"url": server.url("/img/big.jpg"), column: "a red thing"}])
+    download(cfg(tmp_path, url_list))
+    meta = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert meta[0]["status"] == "success" and meta[0]["caption"] == expected
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert tar.extractfile("000000000.txt").read().decode() == (expected or "")

@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="input format (also .gz); guessed from the extension when not given",
     )
     g.add_argument("--url-col", default="url", help="column holding the image URL")
-    g.add_argument("--caption-col", default=None, help="column holding the caption")
+    g.add_argument(
+        "--caption-col",
+        default=None,
+        help="column holding the caption (default: `caption` when the list has one)",
+    )
     g.add_argument(
         "--save-additional-columns",
         nargs="+",

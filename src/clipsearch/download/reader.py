@@ -10,6 +10,7 @@ so visible to every worker. Either way the parent holds at most one shard of row
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -25,6 +26,7 @@ from clipsearch.download.config import INPUT_FORMATS, DownloadConfig
 from clipsearch.errors import InputError
 
 logger = logging.getLogger(__name__)
+DEFAULT_CAPTION_COL = "caption"
 
 INPUTS_DIR = "_inputs"
 _BATCH_ROWS = 8192
@@ -115,6 +117,21 @@ def wanted_columns(cfg: DownloadConfig) -> list[str]:
     if cfg.verify_hash and cfg.verify_hash[0] not in cols:
         cols.append(cfg.verify_hash[0])
     return cols
+
+
+def with_default_caption(path: str, fmt: str, cfg: DownloadConfig) -> DownloadConfig:
+    """No --caption-col given: take the column named `caption` when the URL list has one (a list with
+    captions is what this tool is for); a list without one is downloaded without captions."""
+    if cfg.caption_col or fmt == "txt":
+        return cfg
+    try:
+        names = _column_names(path, fmt) or []
+    except Exception:
+        return cfg  # check_columns reports unreadable input
+    if DEFAULT_CAPTION_COL in names and DEFAULT_CAPTION_COL != cfg.url_col:
+        logger.info("captions from the %r column (--caption-col to choose another)", DEFAULT_CAPTION_COL)
+        return dataclasses.replace(cfg, caption_col=DEFAULT_CAPTION_COL)
+    return cfg
 
 
 def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> None:

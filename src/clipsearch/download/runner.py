@@ -357,9 +357,11 @@ def config_dict(cfg: DownloadConfig) -> dict[str, Any]:
     return d
 
 
-def validate(cfg: DownloadConfig) -> tuple[list[str], str]:
-    """All the checks that must pass before any work starts. Returns (input files, input format)."""
+def validate(cfg: DownloadConfig) -> tuple[list[str], str, DownloadConfig]:
+    """All the checks that must pass before any work starts. Returns (input files, input format, the
+    config with defaults that depend on the input resolved)."""
     files, fmt = reader.list_input_files(cfg.url_list, cfg.input_format)
+    cfg = reader.with_default_caption(files[0], fmt, cfg)
     reader.check_columns(files[0], fmt, cfg)
     if cfg.enable_wandb:
         try:
@@ -369,13 +371,13 @@ def validate(cfg: DownloadConfig) -> tuple[list[str], str]:
                 "--enable-wandb needs Weights & Biases: pip install 'clipsearch[wandb]'",
                 hint="--enable-wandb",
             ) from e
-    return files, fmt
+    return files, fmt, cfg
 
 
 def download(cfg: DownloadConfig) -> dict[str, Any]:
     """Download `cfg.url_list` into shards in `cfg.output_folder`; returns the run stats (also saved as
     `run_stats.json`). Raises a ClipsearchError before any work on bad input, options or output folder."""
-    files, fmt = validate(cfg)
+    files, fmt, cfg = validate(cfg)
     resuming = prepare_output(cfg)
     done = done_shards(cfg.output_folder) if resuming else set()
     if done:

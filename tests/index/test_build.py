@@ -235,3 +235,28 @@ def test_fast_scan_lists_merge_like_one_add(key):
     assert np.array_equal(i1, i2) and np.allclose(d1, d2)
     with pytest.raises(IndexBuildError, match="empty target"):
         merge_block_lists(faiss.extract_index_ivf(merged), parts[:1])
+
+
+def test_clean_normalises_and_flags_bad_rows():
+    """NaN/inf rows and all-zero rows are flagged and zeroed; huge finite values still normalise."""
+    import warnings
+
+    from clipsearch.index.build import clean
+
+    x = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float16)
+    x[1] = np.nan
+    x[2] = 0
+    x[3, 4] = np.inf
+    big = x.astype(np.float32)
+    big[4] *= np.float32(1e20)  # squares overflow float32
+    for batch in (x, big):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, nan, zero = clean(batch)
+        assert out.dtype == np.float32 and nan.tolist() == [False, True, False, True, False, False]
+        assert zero.tolist() == [False, False, True, False, False, False]
+        assert (out[[1, 2, 3]] == 0).all() and np.isfinite(out).all()
+        ref = batch[[0, 4, 5]].astype(np.float64)
+        assert np.allclose(out[[0, 4, 5]], ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+    assert batch.dtype == np.float32 and np.isnan(x[1]).all()  # the input is not modified
+    assert clean(np.zeros((0, 8), np.float32))[0].shape == (0, 8)

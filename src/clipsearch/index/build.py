@@ -44,15 +44,33 @@ def faiss_mod():
 
 
 def clean(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(normalised float32 rows, nan mask, zero mask) of a batch."""
-    x = np.asarray(x, dtype=np.float32)
-    nan = ~np.isfinite(x).all(axis=1)
-    norms = np.linalg.norm(np.where(nan[:, None], 0, x), axis=1)
-    zero = ~nan & (norms == 0)
+    """(normalised float32 rows, nan mask, zero mask) of a batch.
+
+    Three passes over the batch (copy, squared norms, scale in place): every index build and append
+    runs it on every row, and the straightforward masks-and-copies version took ~10x longer.
+    """
+    x = np.array(x, dtype=np.float32, copy=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", x, x)
+    nan = np.zeros(len(x), dtype=bool)
+    odd = np.flatnonzero(~np.isfinite(sq))  # a NaN/inf value, or finite values whose squares overflow
+    big = odd[:0]
+    if len(odd):
+        nan[odd] = ~np.isfinite(x[odd]).all(axis=1)
+        big = odd[~nan[odd]]
+        sq[odd] = 1.0  # placeholder: these rows are handled below
+    zero = ~nan & (sq == 0)
     ok = ~(nan | zero)
-    out = np.zeros_like(x)
-    out[ok] = x[ok] / norms[ok, None]
-    return out, nan, zero
+    inv = np.zeros(len(x), dtype=np.float32)
+    inv[ok] = 1.0 / np.sqrt(sq[ok])
+    inv[big] = 1.0
+    with np.errstate(invalid="ignore"):  # inf * 0 in the NaN rows, zeroed below
+        x *= inv[:, None]
+    if len(big):  # rare: normalise in float64
+        x64 = x[big].astype(np.float64)
+        x[big] = (x64 / np.linalg.norm(x64, axis=1, keepdims=True)).astype(np.float32)
+    x[nan] = 0
+    return x, nan, zero
 
 
 def iter_part(

@@ -339,11 +339,29 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> f
 
 
 def rss(pid: int) -> dict:
-    out = {}
+    out: dict = {}
     for line in open(f"/proc/{pid}/status"):
         if line.startswith(("VmRSS", "RssAnon", "RssFile", "VmHWM")):
             k, v = line.split(":")
             out[k] = int(v.split()[0]) // 1024
+    # resident MB per mapped data file (index, vectors, metadata): where file-backed RSS comes from
+    per_file: dict[str, int] = {}
+    name = None
+    try:
+        for line in open(f"/proc/{pid}/smaps"):
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header line
+                name = head[5] if len(head) > 5 else None
+            elif (
+                head
+                and head[0] == "Rss:"
+                and name
+                and name.endswith((".index", ".ivfdata", ".npy", ".arrow"))
+            ):
+                per_file[os.path.basename(name)] = per_file.get(os.path.basename(name), 0) + int(head[1])
+    except OSError:
+        pass
+    out["files_mb"] = {k: v // 1024 for k, v in sorted(per_file.items())}
     return out
 
 
@@ -523,6 +541,7 @@ def bench_memory(work: Path, a: argparse.Namespace, d: int) -> dict:
             stop(proc)
     base, big_r = out["baseline_2000_rows"]["loaded"], out[f"index_{a.n_mem}_rows"]["loaded"]
     out["beyond_baseline_mb"] = {k: big_r[k] - base[k] for k in ("VmRSS", "RssAnon", "RssFile")}
+    out["beyond_baseline_mb"]["files"] = big_r.get("files_mb")
     return out
 
 

@@ -263,3 +263,19 @@ def test_hnsw_quantizer_searched_as_tuned(tmp_path, encoder):
     apply_search_params(tuned, {"nprobe": 8})
     assert np.array_equal(served, tuned.search(q, 10)[1])
     assert len(data["image"]) == 20_000
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_row_reader_matches_the_array(tmp_path, dtype):
+    """Vectors are read with pread (runs of adjacent ids coalesced), not through the memory map."""
+    from clipsearch.serve.search import RowReader
+
+    a = np.random.default_rng(0).standard_normal((1000, 7)).astype(dtype)
+    path = str(tmp_path / "v.npy")
+    np.save(path, a)
+    r = RowReader(path, np.load(path, mmap_mode="r"))
+    ids = np.array([5, 3, 4, 999, 0, 4, 500, 501, 502, 7], dtype=np.int64)  # runs, repeats, any order
+    assert np.array_equal(r.take(ids), a[ids].astype(np.float32))
+    assert r.take(np.zeros(0, np.int64)).shape == (0, 7)
+    with pytest.raises(IndexError):
+        r.take(np.array([1000]))

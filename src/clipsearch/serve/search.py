@@ -181,15 +181,17 @@ class RowReader:
         if s[0] < 0 or s[-1] >= self.n:
             raise IndexError(f"row ids out of range [0, {self.n}): {int(s[0])}..{int(s[-1])}")
         cuts = np.flatnonzero(np.diff(s) > 1) + 1  # a run: consecutive (or repeated) ids, one read
-        fd = self._file.fileno()
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(s)], strict=True):
-            lo, hi = int(s[a]), int(s[b - 1])
-            size = (hi - lo + 1) * self.row_bytes
-            buf = os.pread(fd, size, self.offset + lo * self.row_bytes)
-            if len(buf) != size:
-                raise InputError(f"{self._file.name} is shorter than its header says (rows {lo}..{hi})")
-            block = np.frombuffer(buf, dtype=self.dtype).reshape(hi - lo + 1, self.d)
-            out[order[a:b]] = block[s[a:b] - lo]
+        starts, ends = np.r_[0, cuts], np.r_[cuts, len(s)]
+        lo, lens = s[starts], s[ends - 1] - s[starts] + 1
+        pos = np.r_[0, np.cumsum(lens)[:-1]]
+        raw = np.empty((int(lens.sum()), self.d), dtype=self.dtype)
+        view = memoryview(raw).cast("B")
+        fd, rb = self._file.fileno(), self.row_bytes
+        for first, n, p in zip(lo.tolist(), lens.tolist(), pos.tolist(), strict=True):
+            if os.preadv(fd, [view[p * rb : (p + n) * rb]], self.offset + first * rb) != n * rb:
+                raise InputError(f"{self._file.name} is shorter than its header says (rows from {first})")
+        run = np.repeat(np.arange(len(lo)), ends - starts)
+        out[order] = raw[pos[run] + (s - lo[run])]
         return out
 
 

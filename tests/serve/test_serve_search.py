@@ -279,3 +279,21 @@ def test_row_reader_matches_the_array(tmp_path, dtype):
     assert r.take(np.zeros(0, np.int64)).shape == (0, 7)
     with pytest.raises(IndexError):
         r.take(np.array([1000]))
+
+
+def test_large_vectors_files_are_read_with_pread(tmp_path, encoder, monkeypatch):
+    from clipsearch.serve import search
+
+    folder = str(tmp_path / "pr")
+    data = build_index(folder, n=3000, encoder=encoder, image_factory="IVF16,PQ8x4fsr", text_factory=None,
+                       search_params={"nprobe": 4}, vectors_file=True)  # fmt: skip
+    monkeypatch.setattr(search, "PREAD_MIN_BYTES", 0)
+    s = IndexSearcher(folder)
+    mi = s.indices["image"]
+    assert isinstance(mi._rows, search.RowReader)
+    ids = np.array([7, 3, 2999, 4, 3])
+    stored = np.load(os.path.join(folder, "image.vectors.npy"))
+    assert np.array_equal(s.vectors(ids), stored[ids].astype(np.float32))
+    assert np.allclose(stored[ids], data["image"][ids], atol=1e-2)
+    monkeypatch.setattr(search, "PREAD_MIN_BYTES", 1 << 40)
+    assert IndexSearcher(folder).indices["image"]._rows is None  # small files stay on the map

@@ -154,6 +154,9 @@ def _inner(index: Any) -> Any:
             return idx
 
 
+PREAD_MIN_BYTES = 512 * 1024 * 1024  # vectors files from this size are read with pread, not the map
+
+
 class RowReader:
     """Rows of a `.npy` matrix read with `pread`, coalescing runs of adjacent ids.
 
@@ -257,7 +260,8 @@ class ModalityIndex:
             if v.ndim != 2 or v.shape[1] != dim or v.shape[0] != self.ntotal:
                 raise InputError(f"{vpath} has shape {v.shape}, expected ({self.ntotal}, {dim})")
             self.vectors = v
-            self._rows = RowReader(vpath, v) if v.flags.c_contiguous else None
+            # small files: the map is faster, and at most the file itself becomes resident
+            self._rows = RowReader(vpath, v) if v.flags.c_contiguous and v.nbytes >= PREAD_MIN_BYTES else None
         self._direct_map_lock = threading.Lock()
         # (nprobe, efSearch, k_factor) -> (faiss params, objects to keep alive); read-only once built
         self._params_cache: dict[tuple[Any, ...], tuple[Any, list[Any]]] = {}
@@ -333,7 +337,7 @@ class ModalityIndex:
             return np.zeros((0, self.index.d), dtype=np.float32)
         if self._rows is not None:
             return self._rows.take(ids)
-        if self.vectors is not None:  # a Fortran-ordered file: read through the map
+        if self.vectors is not None:  # a small (or Fortran-ordered) file: read through the map
             order = np.argsort(ids, kind="stable")
             out = np.empty((len(ids), self.index.d), dtype=np.float32)
             out[order] = self.vectors[ids[order]]

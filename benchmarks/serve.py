@@ -187,6 +187,20 @@ def _raw(path: str, port: int, body: dict) -> bytes:
     ).encode() + data
 
 
+def _summary(lat: list[float], errors: int, statuses: dict[int, int], wall: float) -> dict:
+    a = np.array(lat) if lat else np.array([float("nan")])
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "statuses": statuses,
+        "seconds": round(wall, 2),
+        "qps": round(len(lat) / wall, 1),
+        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 1),
+        "p90_ms": round(float(np.percentile(a, 90)) * 1000, 1),
+        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 1),
+    }
+
+
 async def _load(port: int, path: str, bodies: list[dict], concurrency: int, duration: float) -> dict:
     lat: list[float] = []
     errors = 0
@@ -226,18 +240,7 @@ async def _load(port: int, path: str, bodies: list[dict], concurrency: int, dura
     t0 = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     wall = time.perf_counter() - t0
-    a = np.array(lat) if lat else np.array([float("nan")])
-    return {
-        "concurrency": concurrency,
-        "requests": len(lat),
-        "errors": errors,
-        "statuses": statuses,
-        "seconds": round(wall, 2),
-        "qps": round(len(lat) / wall, 1),
-        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 1),
-        "p90_ms": round(float(np.percentile(a, 90)) * 1000, 1),
-        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 1),
-    }
+    return {"concurrency": concurrency, **_summary(lat, errors, statuses, wall)}
 
 
 def load(port: int, path: str, bodies: list[dict], concurrency: int, duration: float) -> dict:
@@ -298,18 +301,7 @@ async def _load_rate(port: int, path: str, bodies: list[dict], rate: float, dura
     wall = time.perf_counter() - t0
     for conn in idle:
         conn[1].close()
-    a = np.array(lat) if lat else np.array([float("nan")])
-    return {
-        "rate": rate,
-        "requests": len(lat),
-        "errors": errors,
-        "statuses": statuses,
-        "seconds": round(wall, 2),
-        "qps": round(len(lat) / wall, 1),
-        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 1),
-        "p90_ms": round(float(np.percentile(a, 90)) * 1000, 1),
-        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 1),
-    }
+    return {"rate": rate, **_summary(lat, errors, statuses, wall)}
 
 
 def load_rate(port: int, path: str, bodies: list[dict], rate: float, duration: float) -> dict:

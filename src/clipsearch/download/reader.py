@@ -119,23 +119,10 @@ def wanted_columns(cfg: DownloadConfig) -> list[str]:
     return cols
 
 
-def with_default_caption(path: str, fmt: str, cfg: DownloadConfig) -> DownloadConfig:
-    """No --caption-col given: take the column named `caption` when the URL list has one (a list with
-    captions is what this tool is for); a list without one is downloaded without captions."""
-    if cfg.caption_col or fmt == "txt":
-        return cfg
-    try:
-        names = _column_names(path, fmt) or []
-    except Exception:
-        return cfg  # check_columns reports unreadable input
-    if DEFAULT_CAPTION_COL in names and DEFAULT_CAPTION_COL != cfg.url_col:
-        logger.info("captions from the %r column (--caption-col to choose another)", DEFAULT_CAPTION_COL)
-        return dataclasses.replace(cfg, caption_col=DEFAULT_CAPTION_COL)
-    return cfg
-
-
-def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> None:
-    """Fail before any work if the first file is unreadable or lacks a requested column."""
+def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> DownloadConfig:
+    """Fail before any work if the first file is unreadable or lacks a requested column. Returns `cfg`
+    with the caption column resolved: without --caption-col, a list's `caption` column is the caption
+    (a list with captions is what this tool is for); a list without one is downloaded without captions."""
     try:
         names = _column_names(path, fmt)
     except InputError:
@@ -149,7 +136,10 @@ def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> None:
             raise InputError(
                 f"{path} is a plain URL list with no columns", hint="--input-format csv|jsonl|parquet"
             )
-        return
+        return cfg
+    if not cfg.caption_col and DEFAULT_CAPTION_COL in names and DEFAULT_CAPTION_COL != cfg.url_col:
+        logger.info("captions from the %r column (--caption-col to choose another)", DEFAULT_CAPTION_COL)
+        cfg = dataclasses.replace(cfg, caption_col=DEFAULT_CAPTION_COL)
     hints = {cfg.url_col: "--url-col", cfg.caption_col: "--caption-col"}
     if cfg.verify_hash:
         hints.setdefault(cfg.verify_hash[0], "--verify-hash")
@@ -159,6 +149,7 @@ def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> None:
                 f"column {c!r} not found in {path} (columns: {', '.join(names[:20])})",
                 hint=hints.get(c, "--save-additional-columns"),
             )
+    return cfg
 
 
 def _column_names(path: str, fmt: str) -> list[str] | None:

@@ -361,8 +361,7 @@ def validate(cfg: DownloadConfig) -> tuple[list[str], str, DownloadConfig]:
     """All the checks that must pass before any work starts. Returns (input files, input format, the
     config with defaults that depend on the input resolved)."""
     files, fmt = reader.list_input_files(cfg.url_list, cfg.input_format)
-    cfg = reader.with_default_caption(files[0], fmt, cfg)
-    reader.check_columns(files[0], fmt, cfg)
+    cfg = reader.check_columns(files[0], fmt, cfg)
     if cfg.enable_wandb:
         try:
             import wandb  # noqa: F401

@@ -440,6 +440,12 @@ def read_index(path: str, mmap: bool = False):
     return faiss.read_index(path)
 
 
+def quantizer_ef_search(nprobe: int) -> int:
+    """efSearch of an HNSW coarse quantizer for a given nprobe: the tuner measures with it, and the
+    server searches with it (serve.search.build_search_params)."""
+    return max(2 * int(nprobe), 64)
+
+
 def apply_search_params(index, params: dict) -> None:
     """Set nprobe / efSearch / k_factor (the keys of index.json's search_params) on an index."""
     faiss = faiss_mod()
@@ -457,8 +463,6 @@ def apply_search_params(index, params: dict) -> None:
             idx.nprobe = int(params["nprobe"])
             q = typed(idx.quantizer)
             if isinstance(q, faiss.IndexHNSW):
-                from clipsearch.serve.search import quantizer_ef_search
-
                 q.hnsw.efSearch = quantizer_ef_search(int(params["nprobe"]))
         return
     if isinstance(idx, faiss.IndexHNSW):

@@ -34,6 +34,7 @@ import numpy as np
 
 from clipsearch import storage
 from clipsearch.errors import ConfigError, InputError
+from clipsearch.index.build import quantizer_ef_search
 from clipsearch.serve.filters import FilterBitmap, FilterCache
 from clipsearch.serve.metadata import MetadataTable
 
@@ -88,11 +89,6 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def quantizer_ef_search(nprobe: int) -> int:
-    """efSearch of an HNSW coarse quantizer for a given nprobe (shared with the tuner)."""
-    return max(2 * int(nprobe), 64)
-
-
 def build_search_params(index: Any, p: SearchParams, sel: Any = None, keep: list[Any] | None = None) -> Any:
     """A faiss SearchParameters tree for `index` carrying nprobe/efSearch/k_factor and the selector.
 
@@ -118,7 +114,7 @@ def build_search_params(index: Any, p: SearchParams, sel: Any = None, keep: list
         quantizer = faiss.downcast_index(idx.quantizer)
         if isinstance(quantizer, faiss.IndexHNSW):
             # an HNSW coarse quantizer must look at more than nprobe candidates to find the nprobe nearest
-            # lists; the tuner measured with this efSearch (build.apply_search_params), so serve with it
+            # lists; serve with the efSearch the tuner measured with (build.apply_search_params)
             qp = faiss.SearchParametersHNSW(efSearch=quantizer_ef_search(nprobe))
             keep.append(qp)
             params.quantizer_params = qp
@@ -309,13 +305,10 @@ class ModalityIndex:
                 cached = (build_search_params(self.index, merged, None, keep), keep)
                 if len(self._params_cache) < 32:
                     self._params_cache[key] = cached
-            dist, ids_ = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=cached[0])
-            return dist, ids_
-        keep = [sel]
-        params = build_search_params(self.index, merged, sel, keep)
-        dist, ids_ = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=params)
-        del keep
-        return dist, ids_
+        else:
+            keep = [sel]
+            cached = (build_search_params(self.index, merged, sel, keep), keep)
+        return self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=cached[0])
 
     def _ensure_direct_map(self) -> None:
         if self._direct_map_ready:
@@ -545,7 +538,7 @@ class IndexSearcher:
             plan = "ann+postfilter"
         if rerank:  # quantized codes rank roughly: re-rank the candidates with the stored vectors
             dist, ids_ = _rerank(mi, q, dist, ids_, k)
-            plan = "ann+filter+rerank"
+            plan += "+rerank"
         short = np.flatnonzero((ids_ < 0).any(axis=1)) if k <= bm.count else np.array([], dtype=np.int64)
         if len(short):
             dist2, ids2 = self._exact_subset(mi, q[short], k, bm)

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from clipsearch.errors import InputError
 from clipsearch.segments import layout
+from clipsearch.segments.fanout import SharedFanout
 from clipsearch.serve.filters import FilterBitmap, FilterError
 from clipsearch.serve.search import IndexSearcher, SearchParams, SearchResult
 
@@ -253,6 +254,13 @@ class SegmentedSearcher:
                 self.indices[m] = SegmentedModality(m, parts, self.live)
         self.metadata = SegmentedMetadata(self)
         self.filters = SegmentedFilters(self)
+        # segments sharing the base's trained IVF quantizer: one coarse pass and one re-rank (fanout.py)
+        self.fanout: dict[str, SharedFanout] = {}
+        if len(segments) > 1:
+            for m in self.indices:
+                fan = SharedFanout.build(m, segments)
+                if fan is not None:
+                    self.fanout[m] = fan
 
     # ------------------------------------------------------------------ description
     @property
@@ -334,8 +342,14 @@ class SegmentedSearcher:
             timings["filter"] = time.perf_counter() - t
         t = time.perf_counter()
         dists, ids, plans = [], [], []
+        fan = self.fanout.get(modality) if bm is None else None
+        if fan is not None:
+            d, i = fan.search(q, k, p, self.segments[0].searcher.indices[modality].defaults)
+            dists.append(d)
+            ids.append(i)
+            plans.append("ann+tombstones" if any(mb[4] is not None for mb in fan.members) else "ann")
         for j, seg in enumerate(self.segments):
-            if seg.live == 0:
+            if seg.live == 0 or (fan is not None and j in fan.positions):
                 continue
             allow = bm.parts[j] if bm is not None else seg.alive
             if bm is not None and (allow is None or allow.count == 0):
@@ -355,8 +369,29 @@ class SegmentedSearcher:
                 None if bm is None else 0, timings,
             )  # fmt: skip
         d_all, i_all = _merge_topk(dists, ids, k)
+        if fan is not None and k <= self.live:
+            short = np.flatnonzero((i_all < 0).any(axis=1))
+            if len(short):  # rows the shared pass left short (deletes): each segment on its own
+                r = self._search_each(q[short], k, modality, p)
+                d_all[short], i_all[short] = r
+                plans.append("per-segment-fallback")
         plan = "+".join(dict.fromkeys(plans))
         return SearchResult(d_all, i_all, plan, None if bm is None else bm.count, timings)
+
+    def _search_each(
+        self, q: np.ndarray, k: int, modality: str, p: SearchParams
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Unfiltered top-k searching every segment on its own (the path before the shared fan-out)."""
+        dists, ids = [], []
+        for seg in self.segments:
+            if seg.live == 0:
+                continue
+            sp = self._segment_params(seg, modality, p)
+            d, i, _ = self._search_segment(seg, q, k, modality, sp, seg.alive, False)
+            ok = i >= 0
+            dists.append(np.where(ok, d, -np.inf).astype(np.float32))
+            ids.append(np.where(ok, i + seg.offset, -1))
+        return _merge_topk(dists, ids, k)
 
     def _segment_params(self, seg: Segment, modality: str, p: SearchParams) -> SearchParams:
         """The request's parameters for one segment. nprobe / efSearch stay as they are (the segments share

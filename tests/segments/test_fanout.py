@@ -1,0 +1,149 @@
+"""The shared fan-out (segments/fanout.py): segments sharing the base's trained IVF quantizer are searched
+with one coarse pass and one re-rank; the results match searching each segment on its own."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from clipsearch.segments import fanout
+from clipsearch.segments.append import append_segment
+from clipsearch.segments.delete import DeleteConfig, delete_rows
+from clipsearch.segments.search import SegmentedSearcher, open_index
+from clipsearch.serve.search import SearchParams
+
+from .helpers import build, index_cfg
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def ivf_segments(corpus, tmp_path_factory):
+    """Base IVF16,PQ8x4fsr,Refine(SQ8) (the planner's fast-scan + re-rank family) + two appended segments."""
+    root = tmp_path_factory.mktemp("fanout")
+    folder = str(root / "ivf")
+    build(corpus["emb"]["base"], folder, "IVF16,PQ8x4fsr,Refine(SQ8)")
+    append_segment(index_cfg(corpus["emb"]["new1"], folder))
+    append_segment(index_cfg(corpus["emb"]["new2"], folder))
+    return folder
+
+
+@pytest.fixture
+def ivf_copy(ivf_segments, tmp_path):
+    dst = str(tmp_path / "ivf")
+    shutil.copytree(ivf_segments, dst)
+    return dst
+
+
+def _queries(corpus, n=40):
+    data = corpus["data"]
+    rng = np.random.default_rng(5)
+    qs = np.concatenate([data["base"]["text"][:n], data["new1"]["text"][:n], data["new2"]["text"][:n]])
+    return qs[rng.permutation(len(qs))][:n].astype(np.float32)
+
+
+def _per_segment(view: SegmentedSearcher, q, k, p):
+    return view._search_each(q, k, "image", p)
+
+
+def test_shared_fanout_returns_what_each_segment_searched_alone_returns(corpus, ivf_copy):
+    view = open_index(ivf_copy)
+    assert isinstance(view, SegmentedSearcher) and len(view.segments) == 3
+    assert set(view.fanout) == {"image", "text"}
+    assert len(view.fanout["image"].members) == 3
+    q = _queries(corpus)
+    # a re-rank budget above every row: both paths re-rank every scanned row exactly
+    p = SearchParams(nprobe=4, k_factor=2000)
+    res = view.search(q, K, params=p)
+    assert res.plan == "ann"
+    d_old, i_old = _per_segment(view, q, K, p)
+    assert (res.ids >= 0).all()
+    np.testing.assert_array_equal(res.ids, i_old)
+    np.testing.assert_allclose(res.distances, d_old, rtol=1e-5, atol=1e-5)
+    # every segment is reached (ids of all three id ranges come back)
+    starts = [s.offset for s in view.segments]
+    got = np.searchsorted(starts, res.ids.ravel(), side="right") - 1
+    assert set(got.tolist()) == {0, 1, 2}
+
+
+def test_shared_fanout_recall_not_below_the_per_segment_path(corpus, ivf_copy):
+    view = open_index(ivf_copy)
+    data = corpus["data"]
+    xb = np.concatenate([data[k]["image"] for k in ("base", "new1", "new2")])
+    q = _queries(corpus, 60)
+    gt = np.argsort(-(q @ xb.T), axis=1)[:, :K]
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / K for a, b in zip(ids.tolist(), gt.tolist(), strict=True)])
+
+    for p in (SearchParams(nprobe=2, k_factor=4), SearchParams(nprobe=8, k_factor=16), SearchParams()):
+        new = view.search(q, K, params=p)
+        _, old = _per_segment(view, q, K, p)
+        assert recall(new.ids) >= recall(old) - 0.02, p
+
+
+def test_shared_fanout_skips_deleted_rows_inside_the_scan(corpus, ivf_copy):
+    q = _queries(corpus, 20)
+    p = SearchParams(nprobe=4, k_factor=2000)
+    before = open_index(ivf_copy).search(q, 40, params=p)
+    victims = sorted(set(before.ids[:, :3].ravel().tolist()))
+    delete_rows(DeleteConfig(ivf_copy, ids=tuple(victims)))
+    view = open_index(ivf_copy)
+    after = view.search(q, K, params=p)
+    assert "tombstones" in after.plan and "fallback" not in after.plan
+    assert (after.ids >= 0).all() and not set(victims) & set(after.ids.ravel().tolist())
+    _, old = _per_segment(view, q, K, p)
+    np.testing.assert_array_equal(after.ids, old)
+    for row_after, row_before in zip(after.ids, before.ids, strict=True):
+        assert row_after.tolist() == [i for i in row_before.tolist() if i not in victims][:K]
+
+
+def test_filtered_search_over_shared_segments(corpus, ivf_copy):
+    """A filter goes through each segment's planner (exact subsets, widened ANN) as before."""
+    delete_rows(DeleteConfig(ivf_copy, ids=(3, 2003, 2303)))
+    view = open_index(ivf_copy)
+    q = _queries(corpus, 10)
+    res = view.search(q, K, filter="group == 3")
+    assert "filter" in res.plan or "exact" in res.plan
+    ok = res.ids[res.ids >= 0]
+    assert len(ok) and all(r["group"] == 3 for r in view.rows(ok))
+    assert not {3, 2003, 2303} & set(ok.tolist())
+
+
+def test_old_path_where_no_quantizer_is_shared(corpus, tmp_path, monkeypatch):
+    """A Flat or HNSW base has no quantizer to share: each segment is searched on its own."""
+    calls = []
+    orig = SegmentedSearcher._search_segment
+
+    def spy(self, *a, **kw):
+        calls.append(1)
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(SegmentedSearcher, "_search_segment", spy)
+    q = _queries(corpus, 5)
+    for key in ("Flat", "HNSW8"):
+        folder = str(tmp_path / key)
+        build(corpus["emb"]["base"], folder, key)
+        append_segment(index_cfg(corpus["emb"]["new1"], folder))
+        view = open_index(folder)
+        assert view.fanout == {}
+        calls.clear()
+        res = view.search(q, K)
+        assert len(calls) == 2 and (res.ids >= 0).all()
+
+
+def test_segment_with_another_quantizer_is_searched_on_its_own(corpus, ivf_copy, monkeypatch):
+    """A segment whose layout key differs (e.g. a retrained quantizer) is left to the per-segment path."""
+    view = open_index(ivf_copy)
+    mi = view.segments[2].searcher.indices["image"]
+    lay = fanout.layout(mi)
+    monkeypatch.setitem(fanout._layouts, mi, fanout.Layout(lay.ivf, lay.refine, (*lay.key, "other")))
+    view = SegmentedSearcher(ivf_copy, view.manifest, view.segments)
+    assert view.fanout["image"].positions == frozenset({0, 1})
+    q = _queries(corpus, 20)
+    p = SearchParams(nprobe=4, k_factor=2000)
+    res = view.search(q, K, params=p)
+    _, old = _per_segment(view, q, K, p)
+    np.testing.assert_array_equal(res.ids, old)

@@ -2,6 +2,10 @@
 interleaving), e.g. after a change to the search path or on a quieter machine:
 
     python benchmarks/segments_latency.py WORKDIR [--n-lat 400] [--out results-latency.json]
+
+With the segmented index it also times the per-segment path (each segment searched on its own, as before
+segments/fanout.py) in the same interleaving, and reports the time to open each index (for the segmented
+one: the merge of the small segments' inverted lists).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +26,7 @@ def main() -> None:
     ap.add_argument("workdir")
     ap.add_argument("--n-lat", type=int, default=400)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-per-segment", action="store_true", help="skip the per-segment path's row")
     a = ap.parse_args()
     import faiss
 
@@ -45,11 +51,24 @@ def main() -> None:
         "compacted, quantizer kept": os.path.join(w, "index-compact-all"),
         "full rebuild": os.path.join(w, "index-rebuilt"),
     }
+    reload_s = {}
     for k, p in named.items():
         if os.path.exists(p):
+            t = time.perf_counter()
             opened[k] = (open_index(p), gt)
+            reload_s[k] = round(time.perf_counter() - t, 3)
             opened[k][0].search(q, 10)  # warm: the memory-mapped codes the queries touch are read once
+    seg = f"{cfg['segments'] + 1} segments"
+    if seg in opened and not a.no_per_segment:
+        # the path before the shared fan-out (segments/fanout.py): each segment searched on its own
+        view = open_index(named[seg])
+        view.fanout = {}
+        view.search(q, 10)
+        opened[f"{seg}, per-segment path"] = (view, gt)
     out = interleaved(opened, q, n_lat=a.n_lat)
+    out["open_s"] = reload_s
+    if seg in opened:
+        out["merge_s"] = {m: round(f.merge_s, 3) for m, f in opened[seg][0].fanout.items()}
     for k, v in out.items():
         print(f"{k}: {v}", flush=True)
     if a.out:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
 from clipsearch.segments import fanout
 from clipsearch.segments.append import append_segment
 from clipsearch.segments.delete import DeleteConfig, delete_rows
-from clipsearch.segments.search import SegmentedSearcher, open_index
+from clipsearch.segments.search import LiveIndex, SegmentedSearcher, open_index
 from clipsearch.serve.search import SearchParams
 
-from .helpers import build, index_cfg
+from .helpers import build, index_cfg, make_embeddings
 
 K = 10
 
@@ -147,3 +148,64 @@ def test_segment_with_another_quantizer_is_searched_on_its_own(corpus, ivf_copy,
     res = view.search(q, K, params=p)
     _, old = _per_segment(view, q, K, p)
     np.testing.assert_array_equal(res.ids, old)
+
+
+def test_numpy_block_packing_matches_faiss(ivf_segments):
+    view = open_index(ivf_segments)
+    inv = faiss.downcast_InvertedLists(view.fanout["image"].layouts[0].ivf.invlists)
+    packer = inv.packer
+    nib = fanout.nibble_map(packer)
+    nvec, bs, cs = int(packer.nvec), int(packer.block_size), int(packer.code_size)
+    codes = np.random.default_rng(1).integers(0, 256, (5 * nvec, cs), dtype=np.uint8)
+    ref = np.zeros(5 * bs, np.uint8)
+    for b in range(5):
+        packer.pack_all(faiss.swig_ptr(codes[b * nvec :]), faiss.swig_ptr(ref[b * bs :]))
+    np.testing.assert_array_equal(nib.pack(codes).ravel(), ref)
+    np.testing.assert_array_equal(nib.unpack(ref.reshape(5, bs)), codes)
+
+
+def test_merged_lists_hold_every_entry_of_the_small_segments(ivf_segments):
+    view = open_index(ivf_segments)
+    fan = view.fanout["image"]
+    assert [len(r.members) for r in fan.rankers] == [1, 2]  # the base alone, the two appends merged
+    merged = fan.rankers[1]
+    parts = [fan.layouts[i].unpacked() for i in merged.members]
+    lists, ids, codes = fanout._unpacked_lists(merged.ivf)
+    want_l = np.concatenate([p[0] for p in parts])
+    want_i = np.concatenate([p[1] + st for p, st in zip(parts, merged.starts, strict=True)])
+    want_c = np.concatenate([p[2] for p in parts])
+    a, b = np.lexsort((want_i, want_l)), np.lexsort((ids, lists))
+    np.testing.assert_array_equal(want_l[a], lists[b])
+    np.testing.assert_array_equal(want_i[a], ids[b])
+    np.testing.assert_array_equal(want_c[a], codes[b])
+    assert int(merged.ivf.ntotal) == sum(fan.members[i][2] for i in merged.members)
+
+
+def test_hot_reload_appends_and_deletes_through_the_shared_path(corpus, ivf_copy, tmp_path):
+    emb = str(tmp_path / "emb-new3")
+    new3 = make_embeddings(emb, [250], tag="n3", seed=4)
+    live = LiveIndex(ivf_copy, watch=False, check_interval=0.0)
+    try:
+        before = live.current()
+        merged_before = before.fanout["image"].rankers[-1].keep
+        rep = append_segment(index_cfg(emb, ivf_copy))
+        view = live.current()
+        assert view is not before and len(view.fanout["image"].members) == 4
+        assert view.fanout["image"].rankers[-1].keep is not merged_before  # three small segments now
+        q = new3["image"][:8]
+        p = SearchParams(nprobe=4, k_factor=2000)
+        res = view.search(q, K, params=p)
+        assert res.ids[:, 0].tolist() == [rep["offset"] + i for i in range(8)]
+        np.testing.assert_array_equal(res.ids, view._search_each(q, K, "image", p)[1])
+        merged = view.fanout["image"].rankers[-1].keep
+        delete_rows(DeleteConfig(ivf_copy, ids=tuple(res.ids[:, 0].tolist())))
+        after_view = live.current()
+        assert after_view is not view
+        assert after_view.fanout["image"].rankers[-1].keep is merged  # tombstones only: lists reused
+        after = after_view.search(q, K, params=p)
+        assert "tombstones" in after.plan and not set(res.ids[:, 0].tolist()) & set(
+            after.ids.ravel().tolist()
+        )
+        np.testing.assert_array_equal(after.ids, after_view._search_each(q, K, "image", p)[1])
+    finally:
+        live.close()

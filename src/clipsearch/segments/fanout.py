@@ -314,6 +314,17 @@ def merge_lists(
     empty_ivf.ntotal = int(sizes.sum())
 
 
+class _MergedLists:
+    """A merged in-memory IVF, shared by the generations that merge the same segments."""
+
+    def __init__(self, ivf: Any, layouts: list[Layout]):
+        self.ivf = ivf
+        self.layouts = layouts  # keeps the cache key's objects alive as long as this
+
+
+_merged_cache: weakref.WeakValueDictionary[tuple[int, ...], _MergedLists] = weakref.WeakValueDictionary()
+
+
 class SharedFanout:
     """One modality of one generation: the segments (by position) that share the base's quantizer."""
 
@@ -385,16 +396,19 @@ class SharedFanout:
         t = time.perf_counter()
         counts = [self.members[i][2] for i in small]
         starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
-        smallest = min(small, key=lambda i: self.members[i][2])
-        try:
-            ivf = faiss.clone_index(self.layouts[smallest].ivf)
-        except RuntimeError as e:  # inverted lists faiss cannot clone (on disk): each searched alone
-            logger.info(
-                "%s: segments searched one by one, their lists cannot be merged (%s)", self.modality, e
-            )
-            return None
-        ivf.reset()
-        merge_lists(ivf, [self.layouts[i].unpacked() for i in small], starts.tolist())
+        key = tuple(id(self.layouts[i]) for i in small) + tuple(counts)
+        lists = _merged_cache.get(key)  # a reload that only changed tombstones keeps the merged lists
+        if lists is None:
+            smallest = min(small, key=lambda i: self.members[i][2])
+            try:
+                ivf = faiss.clone_index(self.layouts[smallest].ivf)
+            except RuntimeError as e:  # inverted lists faiss cannot clone (on disk): each searched alone
+                logger.info("%s: segments searched one by one, lists not mergeable (%s)", self.modality, e)
+                return None
+            ivf.reset()
+            merge_lists(ivf, [self.layouts[i].unpacked() for i in small], starts.tolist())
+            lists = _MergedLists(ivf, [self.layouts[i] for i in small])
+            _merged_cache[key] = lists
         alive = None
         if any(self.members[i][4] is not None for i in small):
             bits = []
@@ -414,7 +428,7 @@ class SharedFanout:
             "%s: inverted lists of %d segments (%d rows) merged in memory in %.2f s",
             self.modality, len(small), sum(counts), self.merge_s,
         )  # fmt: skip
-        return Ranker(ivf, small, counts, live, alive, keep=ivf)
+        return Ranker(lists.ivf, small, counts, live, alive, keep=lists)
 
     # ------------------------------------------------------------------ search
     def search(
@@ -499,22 +513,23 @@ class SharedFanout:
     def _rerank(
         self, x: np.ndarray, k: int, local: np.ndarray, member: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of the candidates (local ids in their member segments) by their re-rank codes."""
-        order = np.argsort(member, kind="stable")
+        """Top-k of the candidates (local ids in their member segments) by their re-rank codes: gathered
+        (in id order, for locality in the mapped files) straight into a per-thread scratch index of the same
+        encoder, which faiss scans with its own SIMD code."""
+        order = np.lexsort((local, member))
         local, member = local[order], member[order]
-        cuts = np.flatnonzero(np.diff(member)) + 1
-        starts = np.r_[0, cuts]
-        parts = [
-            self.codes[int(member[s])][local[s:e]]
-            for s, e in zip(starts, np.r_[cuts, len(member)], strict=True)
-        ]
-        codes = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        n = len(local)
         scratch = getattr(self._tls, "index", None)
         if scratch is None:
             scratch = self._tls.index = _scratch(self._template)
-        scratch.reset()
-        scratch.add_sa_codes(codes)
-        kk = min(k, len(codes))
+        cs = int(scratch.code_size)
+        scratch.codes.resize(n * cs)
+        scratch.ntotal = n
+        buf = faiss.rev_swig_ptr(scratch.codes.data(), n * cs).reshape(n, cs)
+        cuts = np.flatnonzero(np.diff(member)) + 1
+        for s, e in zip(np.r_[0, cuts].tolist(), np.r_[cuts, n].tolist(), strict=True):
+            np.take(self.codes[int(member[s])], local[s:e], axis=0, out=buf[s:e], mode="clip")
+        kk = min(k, n)
         d, pos = scratch.search(x, kk)
         pos = pos[0]
         ok = pos >= 0

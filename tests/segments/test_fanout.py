@@ -169,7 +169,7 @@ def test_merged_lists_hold_every_entry_of_the_small_segments(ivf_segments):
     fan = view.fanout["image"]
     assert [len(r.members) for r in fan.rankers] == [1, 2]  # the base alone, the two appends merged
     merged = fan.rankers[1]
-    parts = [fan.layouts[i].unpacked() for i in merged.members]
+    parts = [fanout._unpacked_lists(fan.layouts[i].ivf) for i in merged.members]
     lists, ids, codes = fanout._unpacked_lists(merged.ivf)
     want_l = np.concatenate([p[0] for p in parts])
     want_i = np.concatenate([p[1] + st for p, st in zip(parts, merged.starts, strict=True)])
@@ -209,3 +209,57 @@ def test_hot_reload_appends_and_deletes_through_the_shared_path(corpus, ivf_copy
         np.testing.assert_array_equal(after.ids, after_view._search_each(q, K, "image", p)[1])
     finally:
         live.close()
+
+
+def test_incremental_merge_equals_a_full_merge(ivf_segments):
+    view = open_index(ivf_segments)
+    fan = view.fanout["image"]
+    lays = [fan.layouts[i] for i in (1, 2)]
+    counts = [fan.members[i][2] for i in (1, 2)]
+    parts = [fanout._unpacked_lists(lay.ivf) for lay in lays]
+    full = faiss.clone_index(lays[0].ivf)
+    full.reset()
+    fanout.merge_lists(full, parts, [0, counts[0]])
+    first = faiss.clone_index(lays[0].ivf)
+    first.reset()
+    fanout.merge_lists(first, parts[:1], [0])
+    inc = faiss.clone_index(lays[0].ivf)
+    inc.reset()
+    fanout.merge_onto(inc, first, parts[1:], [counts[0]])
+    a, b = fanout._unpacked_lists(full), fanout._unpacked_lists(inc)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("key", ["IVF16,SQ8", "IVF16,PQ8x4fs"])
+def test_shared_fanout_without_refine(corpus, tmp_path, key):
+    """IVF plans without a re-rank (flat inverted lists, or fast-scan): ranker distances are merged as they
+    are; a third append is merged onto the previous generation's lists."""
+    folder = str(tmp_path / "ivf")
+    build(corpus["emb"]["base"], folder, key)
+    append_segment(index_cfg(corpus["emb"]["new1"], folder))
+    append_segment(index_cfg(corpus["emb"]["new2"], folder))
+    live = LiveIndex(folder, watch=False, check_interval=0.0)
+    try:
+        q = _queries(corpus, 30)
+        p = SearchParams(nprobe=4)
+        view = live.current()
+        assert view.fanout["image"].refine is False
+        _same_topk(view.search(q, K, params=p), view._search_each(q, K, "image", p))
+        emb = str(tmp_path / "emb-new3")
+        make_embeddings(emb, [150], tag="n3", seed=4)
+        append_segment(index_cfg(emb, folder))
+        view = live.current()
+        assert [len(r.members) for r in view.fanout["image"].rankers] == [1, 3]
+        _same_topk(view.search(q, K, params=p), view._search_each(q, K, "image", p))
+    finally:
+        live.close()
+
+
+def _same_topk(res, old):
+    """Same distances, and the same ids but for the order of ties (fast-scan distances are quantized)."""
+    d_old, i_old = old
+    np.testing.assert_allclose(res.distances, d_old, rtol=1e-5, atol=1e-6)
+    for d, a, b in zip(d_old, res.ids, i_old, strict=True):
+        sure = d > d[-1]  # ids tied with the k-th distance may differ
+        assert set(a[sure].tolist()) == set(b[sure].tolist())

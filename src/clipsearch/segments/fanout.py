@@ -55,14 +55,6 @@ class Layout:
     ivf: Any  # the IndexIVF ranker (kept alive by the ModalityIndex)
     refine: Any | None  # the flat-codes re-rank index, None when the IVF's distances are final
     key: tuple[Any, ...]  # equal across segments that can share the coarse pass and the re-rank
-    # (list number, id, unpacked code) of every entry, kept once a merge needed them: a reload then
-    # unpacks only the new segments (44 bytes a row for PQ64x4)
-    entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def unpacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.entries is None:
-            self.entries = _unpacked_lists(self.ivf)
-        return self.entries
 
 
 _layouts: weakref.WeakKeyDictionary[ModalityIndex, Layout | None] = weakref.WeakKeyDictionary()
@@ -317,12 +309,99 @@ def merge_lists(
 class _MergedLists:
     """A merged in-memory IVF, shared by the generations that merge the same segments."""
 
-    def __init__(self, ivf: Any, layouts: list[Layout]):
+    def __init__(self, ivf: Any, layouts: list[Layout], counts: list[int]):
         self.ivf = ivf
         self.layouts = layouts  # keeps the cache key's objects alive as long as this
+        self.key = tuple(id(lay) for lay in layouts) + tuple(counts)
+        self.n = len(layouts)
 
 
 _merged_cache: weakref.WeakValueDictionary[tuple[int, ...], _MergedLists] = weakref.WeakValueDictionary()
+
+
+def _predecessor(layouts: list[Layout], counts: list[int]) -> _MergedLists | None:
+    """The longest cached merge of a prefix of these segments (an append adds segments at the end)."""
+    best = None
+    for lists in list(_merged_cache.values()):
+        n = lists.n
+        if n < len(layouts) and (best is None or n > best.n):
+            if lists.key == tuple(id(lay) for lay in layouts[:n]) + tuple(counts[:n]):
+                best = lists
+    return best
+
+
+def merge_onto(
+    empty_ivf: Any, prev_ivf: Any, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], starts: list[int]
+) -> None:
+    """`merge_lists` of (the entries of `prev_ivf`, a merged IVF) + `parts`: the previous lists' full blocks
+    are copied as they are, only each list's last partial block and the new entries are (re)packed; the
+    time follows the new rows, not the rows merged before."""
+    dst = faiss.downcast_InvertedLists(empty_ivf.invlists)
+    prev = faiss.downcast_InvertedLists(prev_ivf.invlists)
+    lists = np.concatenate([p[0] for p in parts])
+    ids = np.concatenate([p[1] + st for p, st in zip(parts, starts, strict=True)])
+    codes = np.concatenate([p[2] for p in parts])
+    order = np.argsort(lists, kind="stable")
+    lists, ids, codes = lists[order], ids[order], codes[order]
+    nlist = int(dst.nlist)
+    old = np.asarray([prev.list_size(lno) for lno in range(nlist)], np.int64)
+    if not isinstance(dst, faiss.BlockInvertedLists):
+        add = np.bincount(lists, minlength=nlist)
+        first = np.cumsum(add) - add
+        ids, codes = np.ascontiguousarray(ids), np.ascontiguousarray(codes)
+        for lno in range(nlist):
+            if old[lno]:
+                dst.add_entries(lno, int(old[lno]), prev.get_ids(lno), prev.get_codes(lno))
+            if add[lno]:
+                f = int(first[lno])
+                dst.add_entries(lno, int(add[lno]), faiss.swig_ptr(ids[f:]), faiss.swig_ptr(codes[f]))
+        empty_ivf.ntotal = int(old.sum() + add.sum())
+        return
+    nib = nibble_map(dst.packer)
+    nvec, bs = nib.nvec, nib.bs
+    full, tail = old // nvec, old % nvec
+    views, id_views, tails, tail_ids, tail_lists = {}, {}, [], [], []
+    for lno in np.flatnonzero(old).tolist():
+        n = int(old[lno])
+        views[lno] = faiss.rev_swig_ptr(prev.get_codes(lno), -(-n // nvec) * bs)
+        id_views[lno] = faiss.rev_swig_ptr(prev.get_ids(lno), n)
+        if tail[lno]:
+            f = int(full[lno])
+            tails.append(views[lno][f * bs : (f + 1) * bs])
+            tail_ids.append(id_views[lno][f * nvec :])
+            tail_lists.append(np.full(int(tail[lno]), lno, np.int32))
+    if tails:  # the partial last blocks, unpacked: their entries are packed again with the new ones
+        flat = nib.unpack(np.stack(tails))
+        keep = np.concatenate([np.arange(len(t)) + b * nvec for b, t in enumerate(tail_ids)])
+        lists = np.concatenate([np.concatenate(tail_lists), lists])
+        ids = np.concatenate([np.concatenate(tail_ids).astype(np.int64), ids])
+        codes = np.concatenate([flat[keep], codes])
+        order = np.argsort(lists, kind="stable")
+        lists, ids, codes = lists[order], ids[order], codes[order]
+    fresh = np.bincount(lists, minlength=nlist).astype(np.int64)
+    first = np.cumsum(fresh) - fresh
+    nbs = -(-fresh // nvec)
+    bstart = np.cumsum(nbs) - nbs
+    rank = np.arange(len(lists)) - first[lists]
+    flat = np.zeros((int(nbs.sum()) * nvec, codes.shape[1]), np.uint8)
+    flat[bstart[lists] * nvec + rank] = codes
+    packed = nib.pack(flat)
+    total = 0
+    for lno in range(nlist):
+        f, nf, nfull = int(first[lno]), int(fresh[lno]), int(full[lno])
+        n = nfull * nvec + nf
+        if n == 0:
+            continue
+        b = int(bstart[lno])
+        new_blocks = packed[b : b + int(nbs[lno])].ravel()
+        if nfull:
+            buf = np.concatenate([views[lno][: nfull * bs], new_blocks])
+            lid = np.concatenate([id_views[lno][: nfull * nvec].astype(np.int64), ids[f : f + nf]])
+        else:
+            buf, lid = np.ascontiguousarray(new_blocks), np.ascontiguousarray(ids[f : f + nf])
+        dst.add_entries(lno, n, faiss.swig_ptr(lid), faiss.swig_ptr(buf))
+        total += n
+    empty_ivf.ntotal = total
 
 
 class SharedFanout:
@@ -399,6 +478,7 @@ class SharedFanout:
         key = tuple(id(self.layouts[i]) for i in small) + tuple(counts)
         lists = _merged_cache.get(key)  # a reload that only changed tombstones keeps the merged lists
         if lists is None:
+            layouts = [self.layouts[i] for i in small]
             smallest = min(small, key=lambda i: self.members[i][2])
             try:
                 ivf = faiss.clone_index(self.layouts[smallest].ivf)
@@ -406,8 +486,13 @@ class SharedFanout:
                 logger.info("%s: segments searched one by one, lists not mergeable (%s)", self.modality, e)
                 return None
             ivf.reset()
-            merge_lists(ivf, [self.layouts[i].unpacked() for i in small], starts.tolist())
-            lists = _MergedLists(ivf, [self.layouts[i] for i in small])
+            prev = _predecessor(layouts, counts)
+            if prev is not None:  # an append: the lists merged for the previous generation + the new ones
+                new = [_unpacked_lists(lay.ivf) for lay in layouts[prev.n :]]
+                merge_onto(ivf, prev.ivf, new, starts[prev.n :].tolist())
+            else:
+                merge_lists(ivf, [_unpacked_lists(lay.ivf) for lay in layouts], starts.tolist())
+            lists = _MergedLists(ivf, layouts, counts)
             _merged_cache[key] = lists
         alive = None
         if any(self.members[i][4] is not None for i in small):

@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--n-lat", type=int, default=400)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-per-segment", action="store_true", help="skip the per-segment path's row")
+    ap.add_argument(
+        "--rerank-margins", type=float, nargs="*", default=[], help="also time the shared path with these"
+    )
     a = ap.parse_args()
     import faiss
 
@@ -65,6 +68,12 @@ def main() -> None:
         view.fanout = {}
         view.search(q, 10)
         opened[f"{seg}, per-segment path"] = (view, gt)
+    for margin in a.rerank_margins:  # the shared path with another re-rank budget (fanout.RERANK_MARGIN)
+        view = open_index(named[seg])
+        for fan in view.fanout.values():
+            fan.rerank_margin = margin
+        view.search(q, 10)
+        opened[f"{seg}, re-rank margin {margin}"] = (view, gt)
     out = interleaved(opened, q, n_lat=a.n_lat)
     out["open_s"] = reload_s
     if seg in opened:

@@ -2,21 +2,24 @@
 
 Appended segments are copies of the base's trained index: the same coarse centroids, the same fine
 codes, the same re-rank encoder. Searching each with its own `IndexSearcher.search` repeats per segment
-what does not depend on its rows (the coarse quantization, the re-rank's setup) and splits the re-rank
-budget (each segment re-ranks its share of `k * k_factor` plus a margin). `SharedFanout` instead:
+what does not depend on its rows (the coarse quantization, one scan per probed list however few rows it
+holds, the re-rank's setup) and splits the re-rank budget. `SharedFanout` instead:
 
-1. quantizes the queries once with the base's quantizer (`nprobe`, and for an HNSW quantizer the
-   efSearch the tuner used, as `build_search_params` does);
-2. scans each segment's inverted lists with `search_preassigned` (the tombstones are an
-   `IDSelectorBitmap` inside that scan), asking each for its share of the candidates times
-   `SHARED_MARGIN`;
-3. keeps the best `k * k_factor` candidates over all segments by their ranker distance (the same
-   candidates one compacted index would re-rank) and re-ranks them together: the candidates' re-rank
-   codes are gathered from each segment's (memory-mapped) refine codes into one small scratch index of
-   the same encoder, which faiss scans with its own SIMD code.
+1. at open (and hot reload), merges the inverted lists of the small segments (all but the largest, up to
+   MERGE_MAX_BYTES) into one in-memory IVF with ranker-local ids; an append merges onto the previous
+   generation's merged lists, a tombstone-only reload reuses them. Large segments (the base, a compacted
+   one) keep their own, possibly memory-mapped, lists;
+2. per query batch, quantizes the queries once with the base's quantizer (`nprobe`, and for an HNSW
+   quantizer the efSearch the tuner used, as `build_search_params` does), then scans each ranker with
+   `search_preassigned` (tombstones are an `IDSelectorBitmap` inside that scan), asking each for its share
+   of the candidates times SHARED_MARGIN;
+3. keeps the best candidates over all rankers by ranker distance (as many as the per-segment path re-ranks
+   in all: RERANK_MARGIN) and re-ranks them together: their codes are gathered from each segment's own
+   (memory-mapped) re-rank codes into one small scratch index of the same encoder, which faiss scans.
 
-Segments whose index does not share the quantizer (an HNSW or flat segment, a retrained base) are left
-to the per-segment path, and so is a modality where fewer than two segments share it.
+Segments whose index does not share the quantizer and codes (an HNSW or flat segment, a retrained base)
+are left to the per-segment path, and so is a modality where fewer than two segments share them, and a
+filtered search (each segment's filter planner: exact subsets, widened ANN).
 """
 
 from __future__ import annotations
@@ -426,6 +429,8 @@ class SharedFanout:
         self._tls = threading.local()
         self.rankers: list[Ranker] = []
         self.merge_s = 0.0
+        self.rerank_margin = RERANK_MARGIN
+        self.shared_margin = SHARED_MARGIN
 
     @classmethod
     def build(cls, modality: str, segments: list[Any], merge: bool = True) -> SharedFanout | None:
@@ -536,7 +541,9 @@ class SharedFanout:
             if rk.live == 0:
                 continue
             kk = (
-                want if not self.refine else math.ceil(SHARED_MARGIN * want * rk.live / max(1, self.live)) + k
+                want
+                if not self.refine
+                else math.ceil(self.shared_margin * want * rk.live / max(1, self.live)) + k
             )
             kk = max(1, min(kk, want, rk.live))
             dm = np.empty((nq, kk), np.float32)
@@ -584,7 +591,9 @@ class SharedFanout:
         total = 0
         for m in self.members:
             if m[3] > 0:
-                total += k * max(1, min(int(kf), math.ceil(RERANK_MARGIN * kf * m[3] / max(1, self.live))))
+                total += k * max(
+                    1, min(int(kf), math.ceil(self.rerank_margin * kf * m[3] / max(1, self.live)))
+                )
         return max(k, total)
 
     def _owners(self, ids: np.ndarray, rankers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

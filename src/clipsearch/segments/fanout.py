@@ -610,8 +610,8 @@ class SharedFanout:
         """Top-k of the candidates (local ids in their member segments) by their re-rank codes: gathered
         (in id order, for locality in the mapped files) straight into a per-thread scratch index of the same
         encoder, which faiss scans with its own SIMD code."""
-        order = np.lexsort((local, member))
-        local, member = local[order], member[order]
+        key = np.sort((member << 40) | local)  # by segment, then id (local ids < 2**40)
+        member, local = key >> 40, key & ((1 << 40) - 1)
         n = len(local)
         scratch = getattr(self._tls, "index", None)
         if scratch is None:

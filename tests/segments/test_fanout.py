@@ -231,7 +231,7 @@ def test_incremental_merge_equals_a_full_merge(ivf_segments):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("key", ["IVF16,SQ8", "IVF16,PQ8x4fs"])
+@pytest.mark.parametrize("key", ["IVF16,SQ8", "IVF16,PQ8x4fs", "IVF16_HNSW8,Flat"])
 def test_shared_fanout_without_refine(corpus, tmp_path, key):
     """IVF plans without a re-rank (flat inverted lists, or fast-scan): ranker distances are merged as they
     are; a third append is merged onto the previous generation's lists."""

@@ -56,7 +56,7 @@ def main() -> None:
     }
     reload_s = {}
     for k, p in named.items():
-        if os.path.exists(p):
+        if os.path.exists(os.path.join(p, "index.json")):  # a finished index (not an interrupted build)
             t = time.perf_counter()
             opened[k] = (open_index(p), gt)
             reload_s[k] = round(time.perf_counter() - t, 3)

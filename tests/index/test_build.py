@@ -90,6 +90,29 @@ def test_fast_scan_with_refine_meets_min_recall_on_text_queries(emb_folder, tmp_
     assert chosen["recall_at_10_text"] >= 0.9
 
 
+def test_wide_pq_refine_codes_train_with_bounded_settings(emb_folder, tmp_path):
+    from clipsearch.index.build import WIDE_PQ_ITERATIONS, WIDE_PQ_POINTS_PER_CENTROID, configure_training
+
+    fresh = faiss.index_factory(32, "PQ8x4fs,Refine(PQ16x9)", faiss.METRIC_INNER_PRODUCT)
+    configure_training(fresh)
+    cp = faiss.downcast_index(fresh.refine_index).pq.cp
+    assert (cp.niter, cp.max_points_per_centroid) == (WIDE_PQ_ITERATIONS, WIDE_PQ_POINTS_PER_CENTROID)
+    assert not faiss.downcast_index(fresh.refine_index).do_polysemous_training  # hours on wide codes
+    plain = faiss.index_factory(32, "PQ16x8", faiss.METRIC_INNER_PRODUCT)
+    configure_training(plain)
+    assert plain.pq.cp.niter == faiss.ClusteringParameters().niter  # 8-bit PQ keeps faiss's defaults
+
+    src, arrays = emb_folder
+    out = str(tmp_path / "index")
+    info = build_index(cfg(src, out, index_key="PQ8x4fs,Refine(PQ16x9)", min_recall=0.9))
+    img = info["indices"]["image"]
+    index = read_index(os.path.join(out, "image.index"))
+    refine = faiss.downcast_index(index.refine_index)
+    assert isinstance(refine, faiss.IndexPQ) and refine.pq.nbits == 9 and refine.sa_code_size() == 18
+    apply_search_params(index, img["search_params"])
+    assert recall(index, arrays["image"], arrays["text"][::25]) >= 0.85
+
+
 def test_plain_npy_folder_with_tuning_queries_and_bad_rows(tmp_path):
     folder = tmp_path / "npy"
     folder.mkdir()

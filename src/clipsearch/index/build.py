@@ -144,7 +144,7 @@ def scan(
 def train_index(factory: str, d: int, sample: np.ndarray, path: str) -> None:
     faiss = faiss_mod()
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    _tighten_sq4_ranges(index)
+    configure_training(index)
     if not index.is_trained:
         t0 = time.perf_counter()
         if len(sample) < 1:
@@ -154,10 +154,22 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str) -> None:
     write_index_atomic(index, path)
 
 
-def _tighten_sq4_ranges(index) -> None:
-    """4-bit scalar quantizers: ranges at mean +- 2.5 std instead of min/max. On CLIP-like data this
-    lifts text-query recall@10 of SQ4 from 0.77 to 0.83 (measured, docs/bench-index.md); the trained
-    ranges are stored in the index, so readers need nothing special."""
+# PQ codes of more than 8 bits per sub-quantizer (the planner's 2-d `PQ{d/2}x9` / `x10` re-rank codes):
+# faiss trains each of the d/2 sub-quantizers on up to 256 points per centroid for 25 iterations,
+# minutes each; 24 points per centroid and 12 iterations cost ~0.5 s each and lose little (measured on
+# 200k CLIP-like vectors: text-query recall of the code scan 0.87 with PQ256x9).
+WIDE_PQ_POINTS_PER_CENTROID = 24
+WIDE_PQ_ITERATIONS = 12
+
+
+def configure_training(index) -> None:
+    """Training settings that faiss's defaults get wrong for our plans; stored in nothing but the
+    trained codes, so readers need nothing special.
+
+    - 4-bit scalar quantizers: ranges at mean +- 2.5 std instead of min/max. On CLIP-like data this lifts
+      text-query recall@10 of SQ4 from 0.77 to 0.83 (measured, docs/bench-index.md).
+    - PQ with more than 8 bits per code: a bounded training cost (see WIDE_PQ_*).
+    - flat PQ codes: no polysemous training (see below)."""
     faiss = faiss_mod()
     stack = [index]
     while stack:
@@ -170,6 +182,15 @@ def _tighten_sq4_ranges(index) -> None:
         if sq is not None and sq.qtype in (faiss.ScalarQuantizer.QT_4bit,):
             sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
             sq.rangestat_arg = 2.5
+        if isinstance(idx, faiss.IndexPQ):
+            # index_factory turns polysemous training on for "PQ..." keys: a simulated annealing over
+            # code orders that only Hamming-filtered search uses, and that takes hours on wide codes
+            idx.do_polysemous_training = False
+        pq = getattr(idx, "pq", None)
+        if isinstance(pq, faiss.ProductQuantizer) and pq.nbits > 8:
+            pq.cp.max_points_per_centroid = WIDE_PQ_POINTS_PER_CENTROID
+            pq.cp.min_points_per_centroid = min(pq.cp.min_points_per_centroid, 8)
+            pq.cp.niter = WIDE_PQ_ITERATIONS
 
 
 def write_index_atomic(index, path: str) -> None:

@@ -7,8 +7,8 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
 
 - exact `Flat` when it fits and a brute-force scan meets the query-time budget;
 - `HNSW32` (float vectors, else SQ8 codes) when it fits and memory mapping is not required;
-- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, SQ4, PQ at 2 bits per
-  dimension) behind a fast-scan 4-bit PQ ranker that scans many candidates cheaply: a full scan
+- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, 2-d PQ at 5 or 4.5 bits
+  per dimension behind a PQ{d/4} ranker, SQ4, PQ at 2 bits per dimension) behind a fast-scan 4-bit PQ ranker that scans many candidates cheaply: a full scan
   `PQ{M}x4fs,Refine(...)` (no 8-byte IVF ids, so a finer ranker fits) when it meets the query
   budget, else `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine(...)`, else `IVF{nlist},SQ4`;
 - with `--should-be-memory-mappable`: `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk
@@ -68,22 +68,37 @@ def coarse(nlist: int, d: int) -> tuple[str, int]:
     return f"IVF{nlist}", nlist * d * 4
 
 
-def _refine_ladder(d: int) -> list[tuple[str, int]]:
-    """(factory suffix, bytes per vector) from the most to the least precise re-rank codes."""
+def _refine_ladder(d: int) -> list[tuple[str, int, int]]:
+    """(factory suffix, bytes per vector, fixed bytes of codebooks) from the most to the least precise
+    re-rank codes."""
     out = [
-        (",RFlat", 4 * d),
-        (",Refine(SQfp16)", 2 * d),
-        (",Refine(SQ8)", d),
-        (",Refine(SQ6)", (6 * d + 7) // 8),
+        (",RFlat", 4 * d, 0),
+        (",Refine(SQfp16)", 2 * d, 0),
+        (",Refine(SQ8)", d, 0),
+        (",Refine(SQ6)", (6 * d + 7) // 8, 0),
     ]
+    if d % 2 == 0:
+        # PQ over 2-d sub-vectors with 2^10 / 2^9 centroids: 5 / 4.5 bits per dimension, between SQ6 and
+        # SQ4 where faiss has no scalar type. Text-query recall@10 of the code scan on 200k CLIP-like
+        # vectors: SQ4 0.82, PQ{d/2}x8 0.83, PQ{d/2}x9 0.87 (docs/bench-index.md)
+        for nbits in (10, 9):
+            out.append((f",Refine(PQ{d // 2}x{nbits})", (d // 2 * nbits + 7) // 8, 4 * d * (1 << nbits)))
     # SQ4 with ranges at mean +- 2.5 std (set at training) re-ranks about as well as PQ{d/2}x8 on
     # CLIP-like data and trains in a second instead of minutes
-    out.append((",Refine(SQ4)", (d + 1) // 2))
+    out.append((",Refine(SQ4)", (d + 1) // 2, 0))
     m = d // 4
     if m >= 1 and d % m == 0 and m <= 64:
-        out.append((f",Refine(PQ{m}x8)", m))
-    out.append(("", 0))
+        out.append((f",Refine(PQ{m}x8)", m, 4 * d * 256))
+    out.append(("", 0, 0))
     return out
+
+
+def _wide(ref_key: str) -> bool:
+    """Wide PQ re-rank codes (more than 8 bits per sub-quantizer) pay only behind a PQ{d/4} fast-scan
+    ranker: behind PQ{d/8} text queries' neighbours are not among the candidates (200k CLIP-like
+    vectors, PQ256x9 codes: recall@10 0.67 at k_factor 256 behind PQ64x4fs, OPQ64 no better, against 0.86
+    behind PQ128x4fs; docs/bench-index.md)."""
+    return ref_key.endswith(("x9)", "x10)"))
 
 
 def _fs_sizes(d: int) -> list[int]:
@@ -170,20 +185,23 @@ def plan_index(
     else:
         fs = _fs_sizes(d)
         mid = fs[min(1, len(fs) - 1)]  # prefer precise re-rank codes over a larger fast-scan code
-        for ref_key, ref in _refine_ladder(d):
+        for ref_key, ref, ref_fixed in _refine_ladder(d):
             if ref:
-                flat = _flat_fast_scan(n, d, budget, max_query_ms, ref_key, ref)
+                flat = _flat_fast_scan(n, d, budget, max_query_ms, ref_key, ref, ref_fixed)
                 if flat is not None:
                     return flat
             for m in [x for x in fs if x >= mid] + [x for x in fs if x < mid]:
+                if _wide(ref_key) and m < d // 4:
+                    continue  # see _wide
                 code = (m + 1) // 2
-                mem = ivf_memory(n, d, nlist, code, ref, True)
+                mem = ivf_memory(n, d, nlist, code, ref, True) + ref_fixed
                 if mem > budget:
                     continue
                 # with the re-rank codes fixed, spend what is left on a larger fast-scan code
                 for bigger in fs:
-                    if bigger > m and ivf_memory(n, d, nlist, (bigger + 1) // 2, ref, True) <= budget:
-                        m, mem = bigger, ivf_memory(n, d, nlist, (bigger + 1) // 2, ref, True)
+                    big_mem = ivf_memory(n, d, nlist, (bigger + 1) // 2, ref, True) + ref_fixed
+                    if bigger > m and big_mem <= budget:
+                        m, mem = bigger, big_mem
                         break
                 what = ref_key.strip(",") or "no re-rank (budget too tight)"
                 return Plan(
@@ -217,15 +235,19 @@ def plan_index(
     )
 
 
-def _flat_fast_scan(n: int, d: int, budget: int, max_query_ms: float, ref_key: str, ref: int) -> Plan | None:
+def _flat_fast_scan(
+    n: int, d: int, budget: int, max_query_ms: float, ref_key: str, ref: int, ref_fixed: int = 0
+) -> Plan | None:
     """`PQ{M}x4fs,Refine(...)` without IVF: no 8-byte ids per vector, so a finer fast-scan code fits.
     Text queries' neighbours spread over most IVF lists, so a full fast-scan costs little more than
     a wide IVF probe and ranks candidates better (measured: docs/bench-index.md)."""
     for div in (4, 8):  # coarser codes rank text queries too badly (1M: PQ16x4 -> recall 0.05)
         m = d // div
+        if _wide(ref_key) and div > 4:
+            continue
         if m < 8 or d % m or m % 2:
             continue
-        mem = n * (m // 2 + ref) + 4 * d * 16 + 4 * d * 2
+        mem = n * (m // 2 + ref) + 4 * d * 16 + 4 * d * 2 + ref_fixed
         scan_ms = n * (m // 2) / FAST_SCAN_BYTES_PER_S * 1000
         if mem <= budget and scan_ms <= max_query_ms / 2:
             what = ref_key.strip(",").removeprefix("Refine(").removesuffix(")")

@@ -98,9 +98,9 @@ def test_wide_pq_refine_codes_train_with_bounded_settings(emb_folder, tmp_path):
     cp = faiss.downcast_index(fresh.refine_index).pq.cp
     assert (cp.niter, cp.max_points_per_centroid) == (WIDE_PQ_ITERATIONS, WIDE_PQ_POINTS_PER_CENTROID)
     assert not faiss.downcast_index(fresh.refine_index).do_polysemous_training  # hours on wide codes
-    plain = faiss.index_factory(32, "PQ16x8", faiss.METRIC_INNER_PRODUCT)
+    plain = faiss.index_factory(32, "PQ8x8", faiss.METRIC_INNER_PRODUCT)
     configure_training(plain)
-    assert plain.pq.cp.niter == faiss.ClusteringParameters().niter  # 8-bit PQ keeps faiss's defaults
+    assert plain.pq.cp.niter == faiss.ClusteringParameters().niter  # 8-bit PQ on 4-d keeps the defaults
 
     src, arrays = emb_folder
     out = str(tmp_path / "index")

@@ -17,7 +17,7 @@ from clipsearch.index.plan import pick_nlist, plan_index
         (50_000, "4G", "hnsw", "HNSW32"),
         (200_000, "4G", "hnsw", "HNSW32"),
         (200_000, "200M", "hnsw", "HNSW32_SQ8"),
-        (200_000, "64M", "other", "PQ128x4fs,Refine(SQ4)"),
+        (200_000, "64M", "other", "PQ128x4fs,Refine(PQ256x8)"),
         (200_000, "72M", "other", "PQ128x4fs,Refine(PQ256x9)"),
         (1_000_000, "256M", "ivf", "IVF2048,SQ4"),
         (3_000_000, "1G", "ivf", "IVF4096,PQ64x4fsr,Refine(SQ4)"),

@@ -154,11 +154,13 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str) -> None:
     write_index_atomic(index, path)
 
 
-# PQ codes of more than 8 bits per sub-quantizer (the planner's 2-d `PQ{d/2}x9` / `x10` re-rank codes):
+# PQ codes of more than 8 bits per sub-quantizer, and 8-bit PQ over 2-d sub-vectors (the planner's
+# `PQ{d/2}x8/x9/x10` re-rank codes):
 # faiss trains each of the d/2 sub-quantizers on up to 256 points per centroid for 25 iterations,
 # minutes each; 24 points per centroid and 12 iterations cost ~0.5 s each and lose little (measured on
 # 200k CLIP-like vectors: text-query recall of the code scan 0.87 with PQ256x9).
 WIDE_PQ_POINTS_PER_CENTROID = 24
+WIDE_PQ_SAMPLE = 12_288  # at least this many points per sub-quantizer (48 per centroid for 2-d PQ x8)
 WIDE_PQ_ITERATIONS = 12
 
 
@@ -168,7 +170,7 @@ def configure_training(index) -> None:
 
     - 4-bit scalar quantizers: ranges at mean +- 2.5 std instead of min/max. On CLIP-like data this lifts
       text-query recall@10 of SQ4 from 0.77 to 0.83 (measured, docs/bench-index.md).
-    - PQ with more than 8 bits per code: a bounded training cost (see WIDE_PQ_*).
+    - PQ with more than 8 bits per code, or over 2-d sub-vectors: a bounded training cost (WIDE_PQ_*).
     - flat PQ codes: no polysemous training (see below)."""
     faiss = faiss_mod()
     stack = [index]
@@ -187,8 +189,8 @@ def configure_training(index) -> None:
             # code orders that only Hamming-filtered search uses, and that takes hours on wide codes
             idx.do_polysemous_training = False
         pq = getattr(idx, "pq", None)
-        if isinstance(pq, faiss.ProductQuantizer) and pq.nbits > 8:
-            pq.cp.max_points_per_centroid = WIDE_PQ_POINTS_PER_CENTROID
+        if isinstance(pq, faiss.ProductQuantizer) and (pq.nbits > 8 or (pq.dsub <= 2 and pq.nbits == 8)):
+            pq.cp.max_points_per_centroid = max(WIDE_PQ_POINTS_PER_CENTROID, WIDE_PQ_SAMPLE // pq.ksub)
             pq.cp.min_points_per_centroid = min(pq.cp.min_points_per_centroid, 8)
             pq.cp.niter = WIDE_PQ_ITERATIONS
 

@@ -7,7 +7,7 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
 
 - exact `Flat` when it fits and a brute-force scan meets the query-time budget;
 - `HNSW32` (float vectors, else SQ8 codes) when it fits and memory mapping is not required;
-- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, 2-d PQ at 5 or 4.5 bits
+- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, 2-d PQ at 5, 4.5 or 4 bits
   per dimension behind a PQ{d/4} ranker, SQ4, PQ at 2 bits per dimension) behind a fast-scan 4-bit PQ ranker that scans many candidates cheaply: a full scan
   `PQ{M}x4fs,Refine(...)` (no 8-byte IVF ids, so a finer ranker fits) when it meets the query
   budget, else `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine(...)`, else `IVF{nlist},SQ4`;
@@ -78,10 +78,11 @@ def _refine_ladder(d: int) -> list[tuple[str, int, int]]:
         (",Refine(SQ6)", (6 * d + 7) // 8, 0),
     ]
     if d % 2 == 0:
-        # PQ over 2-d sub-vectors with 2^10 / 2^9 centroids: 5 / 4.5 bits per dimension, between SQ6 and
-        # SQ4 where faiss has no scalar type. Text-query recall@10 of the code scan on 200k CLIP-like
-        # vectors: SQ4 0.82, PQ{d/2}x8 0.83, PQ{d/2}x9 0.87 (docs/bench-index.md)
-        for nbits in (10, 9):
+        # PQ over 2-d sub-vectors with 2^10 / 2^9 / 2^8 centroids: 5 / 4.5 / 4 bits per dimension, between
+        # SQ6 and SQ4 where faiss has no scalar type. Text-query recall@10 on 200k CLIP-like vectors, code
+        # scan: SQ4 0.82, PQ{d/2}x8 0.83, PQ{d/2}x9 0.87; behind PQ128x4fs at k_factor 512: SQ4 0.817,
+        # PQ256x8 0.829 (docs/bench-index.md)
+        for nbits in (10, 9, 8):
             out.append((f",Refine(PQ{d // 2}x{nbits})", (d // 2 * nbits + 7) // 8, 4 * d * (1 << nbits)))
     # SQ4 with ranges at mean +- 2.5 std (set at training) re-ranks about as well as PQ{d/2}x8 on
     # CLIP-like data and trains in a second instead of minutes
@@ -93,12 +94,11 @@ def _refine_ladder(d: int) -> list[tuple[str, int, int]]:
     return out
 
 
-def _wide(ref_key: str) -> bool:
-    """Wide PQ re-rank codes (more than 8 bits per sub-quantizer) pay only behind a PQ{d/4} fast-scan
-    ranker: behind PQ{d/8} text queries' neighbours are not among the candidates (200k CLIP-like
+def _wide(ref_key: str, d: int) -> bool:
+    """2-d PQ re-rank codes (`PQ{d/2}x8/x9/x10`) pay only behind a PQ{d/4} fast-scan ranker: behind PQ{d/8} text queries' neighbours are not among the candidates (200k CLIP-like
     vectors, PQ256x9 codes: recall@10 0.67 at k_factor 256 behind PQ64x4fs, OPQ64 no better, against 0.86
     behind PQ128x4fs; docs/bench-index.md)."""
-    return ref_key.endswith(("x9)", "x10)"))
+    return ref_key.startswith(f",Refine(PQ{d // 2}x")
 
 
 def _fs_sizes(d: int) -> list[int]:
@@ -191,7 +191,7 @@ def plan_index(
                 if flat is not None:
                     return flat
             for m in [x for x in fs if x >= mid] + [x for x in fs if x < mid]:
-                if _wide(ref_key) and m < d // 4:
+                if _wide(ref_key, d) and m < d // 4:
                     continue  # see _wide
                 code = (m + 1) // 2
                 mem = ivf_memory(n, d, nlist, code, ref, True) + ref_fixed
@@ -243,7 +243,7 @@ def _flat_fast_scan(
     a wide IVF probe and ranks candidates better (measured: docs/bench-index.md)."""
     for div in (4, 8):  # coarser codes rank text queries too badly (1M: PQ16x4 -> recall 0.05)
         m = d // div
-        if _wide(ref_key) and div > 4:
+        if _wide(ref_key, d) and div > 4:
             continue
         if m < 8 or d % m or m % 2:
             continue

@@ -7,8 +7,9 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
 
 - exact `Flat` when it fits and a brute-force scan meets the query-time budget;
 - `HNSW32` (float vectors, else SQ8 codes) when it fits and memory mapping is not required;
-- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, 2-d PQ at 5, 4.5 or 4 bits
-  per dimension behind a PQ{d/4} ranker, SQ4, PQ at 2 bits per dimension) behind a fast-scan 4-bit PQ ranker that scans many candidates cheaply: a full scan
+- otherwise the most precise re-rank codes that fit (float, fp16, SQ8, SQ6, 2-d PQ at 5, 4.5 or 4
+  bits per dimension behind a PQ{d/4} ranker, SQ4, PQ at 2 bits per dimension) behind a fast-scan
+  4-bit PQ ranker that scans many candidates cheaply: a full scan
   `PQ{M}x4fs,Refine(...)` (no 8-byte IVF ids, so a finer ranker fits) when it meets the query
   budget, else `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine(...)`, else `IVF{nlist},SQ4`;
 - with `--should-be-memory-mappable`: `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk
@@ -84,8 +85,8 @@ def _refine_ladder(d: int) -> list[tuple[str, int, int]]:
         # PQ256x8 0.829 (docs/bench-index.md)
         for nbits in (10, 9, 8):
             out.append((f",Refine(PQ{d // 2}x{nbits})", (d // 2 * nbits + 7) // 8, 4 * d * (1 << nbits)))
-    # SQ4 with ranges at mean +- 2.5 std (set at training) re-ranks about as well as PQ{d/2}x8 on
-    # CLIP-like data and trains in a second instead of minutes
+    # SQ4 with ranges at mean +- 2.5 std (set at training): as many bytes as PQ{d/2}x8, a little less
+    # precise, but it trains in a second and needs no PQ{d/4} ranker beside it
     out.append((",Refine(SQ4)", (d + 1) // 2, 0))
     m = d // 4
     if m >= 1 and d % m == 0 and m <= 64:
@@ -95,9 +96,10 @@ def _refine_ladder(d: int) -> list[tuple[str, int, int]]:
 
 
 def _wide(ref_key: str, d: int) -> bool:
-    """2-d PQ re-rank codes (`PQ{d/2}x8/x9/x10`) pay only behind a PQ{d/4} fast-scan ranker: behind PQ{d/8} text queries' neighbours are not among the candidates (200k CLIP-like
-    vectors, PQ256x9 codes: recall@10 0.67 at k_factor 256 behind PQ64x4fs, OPQ64 no better, against 0.86
-    behind PQ128x4fs; docs/bench-index.md)."""
+    """2-d PQ re-rank codes (`PQ{d/2}x8/x9/x10`) pay only behind a PQ{d/4} fast-scan ranker: behind
+    PQ{d/8}, text queries' neighbours are not among the candidates (200k CLIP-like vectors, PQ256x9
+    codes: recall@10 0.67 at k_factor 256 behind PQ64x4fs, OPQ64 no better, against 0.86 behind
+    PQ128x4fs; docs/bench-index.md)."""
     return ref_key.startswith(f",Refine(PQ{d // 2}x")
 
 

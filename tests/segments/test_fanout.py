@@ -263,3 +263,21 @@ def _same_topk(res, old):
     for d, a, b in zip(d_old, res.ids, i_old, strict=True):
         sure = d > d[-1]  # ids tied with the k-th distance may differ
         assert set(a[sure].tolist()) == set(b[sure].tolist())
+
+
+def test_shared_fanout_with_pq_rerank_codes(corpus, tmp_path):
+    """The planner's 2-d PQ re-rank codes (PQ{d/2}x8/x9) take the shared path and re-rank as each segment
+    alone does."""
+    folder = str(tmp_path / "ivf")
+    build(corpus["emb"]["base"], folder, "IVF16,PQ8x4fsr,Refine(PQ16x8)")
+    append_segment(index_cfg(corpus["emb"]["new1"], folder))
+    append_segment(index_cfg(corpus["emb"]["new2"], folder))
+    view = open_index(folder)
+    assert len(view.fanout["image"].members) == 3
+    q = _queries(corpus)
+    p = SearchParams(nprobe=4, k_factor=2000)
+    res = view.search(q, K, params=p)
+    assert res.plan == "ann"
+    d_old, i_old = _per_segment(view, q, K, p)
+    np.testing.assert_allclose(res.distances, d_old, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(res.ids, i_old)

@@ -71,7 +71,7 @@ def _digest(a: np.ndarray) -> str:
 def layout(mi: ModalityIndex) -> Layout | None:
     """The shared-fan-out view of one segment's index (computed once per opened index), or None when its
     index kind is not one the shared path handles: an IVF (inner product, no pre-transform), bare or
-    inside an IndexRefine whose re-rank index is flat or scalar-quantized codes."""
+    inside an IndexRefine whose re-rank index is flat, scalar-quantized or PQ codes."""
     with _layouts_lock:
         if mi in _layouts:
             return _layouts[mi]
@@ -91,7 +91,7 @@ def _make_layout(mi: ModalityIndex) -> Layout | None:
     if isinstance(idx, faiss.IndexRefine):
         refine = faiss.downcast_index(idx.refine_index)
         idx = faiss.downcast_index(idx.base_index)
-        if not isinstance(refine, faiss.IndexScalarQuantizer | faiss.IndexFlat):
+        if not isinstance(refine, faiss.IndexScalarQuantizer | faiss.IndexPQ | faiss.IndexFlat):
             return None
         if int(refine.metric_type) != faiss.METRIC_INNER_PRODUCT:
             return None
@@ -126,6 +126,11 @@ def _scratch(refine: Any) -> Any:
     if isinstance(refine, faiss.IndexScalarQuantizer):
         t = faiss.IndexScalarQuantizer(int(refine.d), refine.sq.qtype, faiss.METRIC_INNER_PRODUCT)
         t.sq = refine.sq  # copies the trained ranges
+        t.is_trained = True
+        return t
+    if isinstance(refine, faiss.IndexPQ):  # the planner's PQ{d/2}x8/x9/x10 re-rank codes
+        t = faiss.IndexPQ(int(refine.d), int(refine.pq.M), int(refine.pq.nbits), faiss.METRIC_INNER_PRODUCT)
+        t.pq = refine.pq  # copies the trained codebooks
         t.is_trained = True
         return t
     return faiss.IndexFlatIP(int(refine.d))

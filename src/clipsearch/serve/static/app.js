@@ -14,7 +14,9 @@ const els = {
 // the current query: {kind: "text"|"image"|"image_url"|"id", value, label}
 let current = null;
 let nextOffset = null;
-let busy = false;
+let busy = false;     // a search is in flight
+let searchSeq = 0;    // bumps on every new search: a late answer to an older one is dropped
+let inFlight = null;  // AbortController of the search in flight
 let indices = [];
 let thumbUrl = null;
 
@@ -108,15 +110,22 @@ function errorText(data, status) {
 }
 
 async function search(append = false) {
-  if (!current || busy) return;
+  if (!current) return;
+  if (append && busy) return;  // "load more" waits for the page it extends
+  // A new query wins over the one in flight (a click while results are loading must not be lost).
+  if (inFlight) inFlight.abort();
+  const seq = ++searchSeq;
+  const ctrl = new AbortController();
+  inFlight = ctrl;
   busy = true;
   els.more.disabled = true;
   const offset = append ? nextOffset || 0 : 0;
   if (!append) setStatus("Searching…");
   const t0 = performance.now();
   try {
-    const r = await fetch("/knn", buildRequest(offset));
+    const r = await fetch("/knn", { ...buildRequest(offset), signal: ctrl.signal });
     const data = await r.json().catch(() => null);
+    if (seq !== searchSeq) return;
     if (!r.ok) {
       setStatus(errorText(data, r.status), true);
       if (!append) els.results.innerHTML = "";
@@ -139,10 +148,13 @@ async function search(append = false) {
     bits.push(`${Math.round(performance.now() - t0)} ms`);
     setStatus(shown ? bits.join(" · ") : "No results. Try other words or loosen the filters.");
   } catch (e) {
-    setStatus("Search failed: " + e, true);
+    if (seq === searchSeq) setStatus("Search failed: " + e, true);
   } finally {
-    busy = false;
-    els.more.disabled = false;
+    if (seq === searchSeq) {
+      busy = false;
+      inFlight = null;
+      els.more.disabled = false;
+    }
   }
 }
 

@@ -101,6 +101,10 @@ def test_wide_pq_refine_codes_train_with_bounded_settings(emb_folder, tmp_path):
     plain = faiss.index_factory(32, "PQ8x8", faiss.METRIC_INNER_PRODUCT)
     configure_training(plain)
     assert plain.pq.cp.niter == faiss.ClusteringParameters().niter  # 8-bit PQ on 4-d keeps the defaults
+    ivfpq = faiss.index_factory(32, "IVF4,PQ16x8", faiss.METRIC_INNER_PRODUCT)
+    assert ivfpq.do_polysemous_training  # what index_factory sets
+    configure_training(ivfpq)
+    assert not ivfpq.do_polysemous_training and ivfpq.pq.cp.niter == WIDE_PQ_ITERATIONS
 
     src, arrays = emb_folder
     out = str(tmp_path / "index")

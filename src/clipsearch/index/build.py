@@ -171,7 +171,7 @@ def configure_training(index) -> None:
     - 4-bit scalar quantizers: ranges at mean +- 2.5 std instead of min/max. On CLIP-like data this lifts
       text-query recall@10 of SQ4 from 0.77 to 0.83 (measured, docs/bench-index.md).
     - PQ with more than 8 bits per code, or over 2-d sub-vectors: a bounded training cost (WIDE_PQ_*).
-    - flat PQ codes: no polysemous training (see below)."""
+    - PQ and IVF-PQ codes: no polysemous training (see below)."""
     faiss = faiss_mod()
     stack = [index]
     while stack:
@@ -184,9 +184,10 @@ def configure_training(index) -> None:
         if sq is not None and sq.qtype in (faiss.ScalarQuantizer.QT_4bit,):
             sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
             sq.rangestat_arg = 2.5
-        if isinstance(idx, faiss.IndexPQ):
-            # index_factory turns polysemous training on for "PQ..." keys: a simulated annealing over
-            # code orders that only Hamming-filtered search uses, and that takes hours on wide codes
+        if isinstance(idx, (faiss.IndexPQ, faiss.IndexIVFPQ)):
+            # index_factory turns polysemous training on for "PQ..." and "IVF...,PQ..." keys: a simulated
+            # annealing over code orders that only Hamming-filtered search uses, and that takes hours on
+            # wide codes
             idx.do_polysemous_training = False
         pq = getattr(idx, "pq", None)
         if isinstance(pq, faiss.ProductQuantizer) and (pq.nbits > 8 or (pq.dsub <= 2 and pq.nbits == 8)):

@@ -6,7 +6,7 @@ import pytest
 
 from clipsearch.errors import ConfigError, IndexBuildError
 from clipsearch.index.config import IndexConfig, parse_memory
-from clipsearch.index.plan import pick_nlist, plan_index
+from clipsearch.index.plan import pick_nlist, plan_index, train_points
 
 
 @pytest.mark.parametrize(
@@ -56,6 +56,16 @@ def test_forced_key():
     assert p.kind == "ivf" and p.reason.startswith("forced")
     with pytest.raises(ConfigError):
         plan_index(1000, 32, 1 << 30, index_key="NotAFactory")
+
+
+def test_training_sample_grows_with_the_lists_within_a_memory_cap():
+    small = plan_index(200_000, 512, parse_memory("64M"))  # no IVF
+    assert train_points(small, 512) == 100_000
+    assert train_points(plan_index(1_000_000, 512, parse_memory("256M")), 512) == 64 * 2048
+    forced = plan_index(10**8, 512, 1 << 40, index_key="OPQ64_256,IVF65536_HNSW32,PQ64x4fsr")
+    assert train_points(forced, 512) == (512 << 20) // (4 * 512)  # 64 x 65536 would be 8 GiB
+    assert train_points(forced, 64) == (512 << 20) // (4 * 64)
+    assert train_points(plan_index(10**8, 64, 1 << 40, index_key="IVF16384,PQ32x4fs"), 64) == 64 * 16384
 
 
 def test_nlist_and_memory_parsing():

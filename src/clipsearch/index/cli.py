@@ -53,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     )
     g.add_argument("--nb-cores", type=int, default=None, help="faiss threads (default: all cores)")
     g.add_argument(
-        "--max-train-points", type=int, default=100_000, help="training sample size, drawn across parts"
+        "--max-train-points",
+        type=int,
+        default=None,
+        help="training sample size, drawn across parts (default: 100k, 64 per IVF list beyond that, at most 512 MiB)",
     )
     g.add_argument(
         "--tuning-queries",

@@ -46,7 +46,7 @@ class IndexConfig:
     embedding_column: str = "embedding"
     metric_type: str = "ip"
     nb_cores: int | None = None
-    max_train_points: int = 100_000
+    max_train_points: int | None = None  # None: enough for the plan's IVF lists (plan.train_points)
     tuning_queries: str | None = None
     should_be_memory_mappable: bool = False
     n_tuning_queries: int = 1000
@@ -79,7 +79,7 @@ class IndexConfig:
             raise ConfigError(f"min recall must be in (0, 1], got {self.min_recall}", hint="--min-recall")
         if self.nb_cores is not None and self.nb_cores < 1:
             raise ConfigError(f"nb cores must be >= 1, got {self.nb_cores}", hint="--nb-cores")
-        if self.max_train_points < 1000:
+        if self.max_train_points is not None and self.max_train_points < 1000:
             raise ConfigError("train on at least 1000 points", hint="--max-train-points")
         if self.n_tuning_queries < 10:
             raise ConfigError("tune on at least 10 queries")

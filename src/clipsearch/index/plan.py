@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 from clipsearch.errors import ConfigError, IndexBuildError
@@ -60,6 +61,20 @@ def pick_nlist(n: int) -> int:
     while nlist > 16 and n / nlist < 40:
         nlist //= 2
     return max(1, nlist)
+
+
+TRAIN_POINTS = 100_000  # enough for PQ/SQ codebooks and up to ~1.5k lists
+TRAIN_POINTS_PER_LIST = 64  # k-means wants 39-256 points per centroid
+TRAIN_SAMPLE_BYTES = 1 << 29  # per modality, held in RAM as float32 while training
+
+
+def train_points(plan: Plan, d: int) -> int:
+    """The training sample a plan wants: 100k, or 64 per IVF list when there are more lists (faiss warns
+    below 39 per centroid), held to 512 MiB of float32 per modality."""
+    m = re.match(r"(?:OPQ[^,]*,)?IVF(\d+)", plan.factory)
+    nlist = int(m.group(1)) if m else 0
+    cap = max(TRAIN_POINTS, TRAIN_SAMPLE_BYTES // (4 * d))
+    return min(max(TRAIN_POINTS, TRAIN_POINTS_PER_LIST * nlist), cap)
 
 
 def coarse(nlist: int, d: int) -> tuple[str, int]:

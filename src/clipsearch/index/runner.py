@@ -15,7 +15,7 @@ from clipsearch.distribute import distribute
 from clipsearch.errors import IndexBuildError, InputError, OutputExistsError, UnitFailedError
 from clipsearch.index import build
 from clipsearch.index.config import IndexConfig, format_memory
-from clipsearch.index.plan import Plan, plan_index
+from clipsearch.index.plan import Plan, plan_index, train_points
 from clipsearch.index.readers import load_queries, open_source
 from clipsearch.index.tune import tune
 
@@ -103,7 +103,9 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
     modalities = source.modalities
     # 1. scan: bad rows, training sample and tuning queries, across all parts
     t0 = time.perf_counter()
-    sc = build.scan(source, modalities, cfg.max_train_points, cfg.n_tuning_queries, cfg.batch_rows, cfg.seed)
+    n_train = cfg.max_train_points or max(train_points(p, d) for p in plans.values())
+    logger.info("training sample: %d vectors drawn across %d parts", min(n_train, n_total), len(source.parts))
+    sc = build.scan(source, modalities, n_train, cfg.n_tuning_queries, cfg.batch_rows, cfg.seed)
     timings["scan_s"] = time.perf_counter() - t0
     n = sum(sc.kept)
     if n == 0:

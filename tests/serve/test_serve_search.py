@@ -295,5 +295,7 @@ def test_large_vectors_files_are_read_with_pread(tmp_path, encoder, monkeypatch)
     stored = np.load(os.path.join(folder, "image.vectors.npy"))
     assert np.array_equal(s.vectors(ids), stored[ids].astype(np.float32))
     assert np.allclose(stored[ids], data["image"][ids], atol=1e-2)
+    s.close()  # the file the rows were read from is closed with the searcher
+    assert mi._rows._file.closed
     monkeypatch.setattr(search, "PREAD_MIN_BYTES", 1 << 40)
     assert IndexSearcher(folder).indices["image"]._rows is None  # small files stay on the map

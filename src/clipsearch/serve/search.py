@@ -163,7 +163,7 @@ class RowReader:
     """
 
     def __init__(self, path: str, arr: np.ndarray):
-        self._file = open(path, "rb")  # noqa: SIM115 - lives as long as the index
+        self._file = open(path, "rb")  # noqa: SIM115 - lives as long as the index; close() ends it
         self.n, self.d = int(arr.shape[0]), int(arr.shape[1])
         self.dtype = arr.dtype
         self.row_bytes = self.d * arr.dtype.itemsize
@@ -192,6 +192,9 @@ class RowReader:
         run = np.repeat(np.arange(len(lo)), ends - starts)
         out[order] = raw[pos[run] + (s - lo[run])]
         return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ModalityIndex:
@@ -615,6 +618,9 @@ class IndexSearcher:
 
     def close(self) -> None:
         self.metadata.close()
+        for mi in self.indices.values():
+            if mi._rows is not None:
+                mi._rows.close()
 
 
 def exact_topk(vecs: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

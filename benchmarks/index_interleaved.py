@@ -78,8 +78,18 @@ def main() -> None:
     ms = interleaved_ms([ours, af], q)
     out = {
         "load_before": [round(x, 2) for x in os.getloadavg()],
-        "ours": {"factory": img["factory"], "params": img["search_params"], "recall_at_10_text": round(recall(ours, q, gt), 4), "single_query_ms_median": ms[0]},
-        "autofaiss": {"factory": af_res["factory"], "params": af_res["params"], "recall_at_10_text": round(recall(af, q, gt), 4), "single_query_ms_median": ms[1]},
+        "ours": {
+            "factory": img["factory"],
+            "params": img["search_params"],
+            "recall_at_10_text": round(recall(ours, q, gt), 4),
+            "single_query_ms_median": ms[0],
+        },
+        "autofaiss": {
+            "factory": af_res["factory"],
+            "params": af_res["params"],
+            "recall_at_10_text": round(recall(af, q, gt), 4),
+            "single_query_ms_median": ms[1],
+        },
     }
     print(json.dumps(out, indent=1), flush=True)
     if a.sweep:
@@ -91,14 +101,26 @@ def main() -> None:
             ps.set_index_parameters(af, f"nprobe={nprobe},efSearch={2 * nprobe}")
             r = recall(af, q, gt)
             ms_af = interleaved_ms([af], q, 100)[0]
-            curve.append({"params": f"nprobe={nprobe}", "recall_at_10_text": round(r, 4), "single_query_ms_median": ms_af})
+            curve.append(
+                {
+                    "params": f"nprobe={nprobe}",
+                    "recall_at_10_text": round(r, 4),
+                    "single_query_ms_median": ms_af,
+                }
+            )
             print("autofaiss", curve[-1], flush=True)
         out["autofaiss"]["curve"] = curve
         curve = []
         for p in img["curve"]:
             apply_search_params(ours, p["params"])
             r = recall(ours, q, gt)
-            curve.append({"params": p["params"], "recall_at_10_text": round(r, 4), "single_query_ms_median": interleaved_ms([ours], q, 100)[0]})
+            curve.append(
+                {
+                    "params": p["params"],
+                    "recall_at_10_text": round(r, 4),
+                    "single_query_ms_median": interleaved_ms([ours], q, 100)[0],
+                }
+            )
             print("ours", curve[-1], flush=True)
         out["ours"]["curve"] = curve
     out["load_after"] = [round(x, 2) for x in os.getloadavg()]

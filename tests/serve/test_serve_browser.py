@@ -100,7 +100,9 @@ def test_web_page_end_to_end(browser, index_dir, ivf_dir, encoder, tmp_path):
         # more like this, clicked while another search is still in flight: the click wins (the page
         # used to drop a search started while one was loading, leaving the old results on screen)
         first_id = page.locator(".card").first.get_attribute("data-id")
-        page.evaluate("document.querySelector('#f-clear').click(); document.querySelector('.card .like').click()")
+        page.evaluate(
+            "document.querySelector('#f-clear').click(); document.querySelector('.card .like').click()"
+        )
         page.wait_for_function("document.querySelector('#query-label').textContent.startsWith('like #')")
         page.wait_for_function("!document.querySelector('#status').textContent.startsWith('Searching')")
         # rows 0-4 of the fixture are one image: with dedup on, any of them may stand for the others

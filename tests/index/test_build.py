@@ -91,20 +91,23 @@ def test_fast_scan_with_refine_meets_min_recall_on_text_queries(emb_folder, tmp_
 
 
 def test_wide_pq_refine_codes_train_with_bounded_settings(emb_folder, tmp_path):
-    from clipsearch.index.build import WIDE_PQ_ITERATIONS, WIDE_PQ_POINTS_PER_CENTROID, configure_training
+    from clipsearch.index.build import WIDE_PQ_ITERATIONS, WIDE_PQ_SAMPLE, configure_training
 
     fresh = faiss.index_factory(32, "PQ8x4fs,Refine(PQ16x9)", faiss.METRIC_INNER_PRODUCT)
     configure_training(fresh)
     cp = faiss.downcast_index(fresh.refine_index).pq.cp
-    assert (cp.niter, cp.max_points_per_centroid) == (WIDE_PQ_ITERATIONS, WIDE_PQ_POINTS_PER_CENTROID)
+    # 512 centroids: 128 points each, not faiss's 256 (a bounded sample per sub-quantizer)
+    assert (cp.niter, cp.max_points_per_centroid) == (WIDE_PQ_ITERATIONS, WIDE_PQ_SAMPLE // 512) == (25, 128)
+    assert cp.min_points_per_centroid <= 8
     assert not faiss.downcast_index(fresh.refine_index).do_polysemous_training  # hours on wide codes
     plain = faiss.index_factory(32, "PQ8x8", faiss.METRIC_INNER_PRODUCT)
     configure_training(plain)
-    assert plain.pq.cp.niter == faiss.ClusteringParameters().niter  # 8-bit PQ on 4-d keeps the defaults
-    ivfpq = faiss.index_factory(32, "IVF4,PQ16x8", faiss.METRIC_INNER_PRODUCT)
+    default = faiss.ClusteringParameters()
+    assert plain.pq.cp.min_points_per_centroid == default.min_points_per_centroid  # 4-d x8: faiss's own
+    ivfpq = faiss.index_factory(32, "IVF4,PQ16x10", faiss.METRIC_INNER_PRODUCT)
     assert ivfpq.do_polysemous_training  # what index_factory sets
     configure_training(ivfpq)
-    assert not ivfpq.do_polysemous_training and ivfpq.pq.cp.niter == WIDE_PQ_ITERATIONS
+    assert not ivfpq.do_polysemous_training and ivfpq.pq.cp.max_points_per_centroid == 64
 
     src, arrays = emb_folder
     out = str(tmp_path / "index")

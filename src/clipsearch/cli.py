@@ -30,6 +30,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except where there is none (None) or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or "(default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported (keeps start-up and --help fast)."""
     parser = argparse.ArgumentParser(
@@ -49,7 +59,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=(mod.__doc__ or help_text).strip().split("\n\n")[0],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
             conflict_handler=getattr(mod, "CONFLICT_HANDLER", "error"),
         )
         mod.add_arguments(p)

@@ -148,6 +148,7 @@ def test_help_documents_every_option(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "usage: clipsearch " + cmd in out
+        assert "(default: None)" not in out, cmd  # an unset default says nothing, not "None"
         # every option line carries help text (argparse prints options without help bare)
         opts = [ln for ln in out.splitlines() if ln.strip().startswith("--")]
         assert opts, cmd

@@ -40,6 +40,10 @@ def _eval_queries(data: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q[-N_EVAL:]), gt[-N_EVAL:]
 
 
+def recall_at_10(ids: np.ndarray, gt: np.ndarray) -> float:
+    return float(np.mean([len(set(ids[i]) & set(gt[i, :10])) / 10 for i in range(len(ids))]))
+
+
 def _measure(index, data: str, threads: int) -> dict:
     """recall@10 of the held-out shifted queries, single-query median latency, batch QPS."""
     import faiss
@@ -49,7 +53,7 @@ def _measure(index, data: str, threads: int) -> dict:
     t0 = time.perf_counter()
     _, ids = index.search(q, 10)
     batch_s = time.perf_counter() - t0
-    recall = float(np.mean([len(set(ids[i]) & set(gt[i, :10])) / 10 for i in range(len(q))]))
+    recall = recall_at_10(ids, gt)
     lat = []
     for i in range(300):
         t = time.perf_counter()

@@ -24,14 +24,15 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, HERE)
 
-N_EVAL = 1000
+from index import _eval_queries, recall_at_10  # noqa: E402  (benchmarks/index.py: same queries, same recall)
+
 N_LAT = 300
 
 
 def recall(index, q, gt) -> float:
-    _, ids = index.search(q, 10)
-    return float(np.mean([len(set(ids[i]) & set(gt[i, :10])) / 10 for i in range(len(q))]))
+    return recall_at_10(index.search(q, 10)[1], gt)
 
 
 def interleaved_ms(indices: list, q: np.ndarray, rounds: int = N_LAT) -> list[float]:
@@ -58,8 +59,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
     faiss.omp_set_num_threads(a.threads)
-    q = np.load(os.path.join(a.data, "queries.npy")).astype(np.float32)[-N_EVAL:]
-    gt = np.load(os.path.join(a.data, "gt.npy"))[-N_EVAL:]
+    q, gt = _eval_queries(a.data)
 
     ours_dir = os.path.join(a.data, f"out-ours-{a.budget}")
     with open(os.path.join(ours_dir, "index.json")) as f:

@@ -49,20 +49,25 @@ def _per_segment(view: SegmentedSearcher, q, k, p):
     return view._search_each(q, k, "image", p)
 
 
+def _assert_shared_matches_per_segment(view: SegmentedSearcher, q):
+    """The shared fan-out returns the ids and scores of each segment searched alone. A re-rank budget above
+    every row makes both paths re-rank every scanned row exactly."""
+    p = SearchParams(nprobe=4, k_factor=2000)
+    res = view.search(q, K, params=p)
+    assert res.plan == "ann"
+    d_old, i_old = _per_segment(view, q, K, p)
+    np.testing.assert_array_equal(res.ids, i_old)
+    np.testing.assert_allclose(res.distances, d_old, rtol=1e-5, atol=1e-5)
+    return res
+
+
 def test_shared_fanout_returns_what_each_segment_searched_alone_returns(corpus, ivf_copy):
     view = open_index(ivf_copy)
     assert isinstance(view, SegmentedSearcher) and len(view.segments) == 3
     assert set(view.fanout) == {"image", "text"}
     assert len(view.fanout["image"].members) == 3
-    q = _queries(corpus)
-    # a re-rank budget above every row: both paths re-rank every scanned row exactly
-    p = SearchParams(nprobe=4, k_factor=2000)
-    res = view.search(q, K, params=p)
-    assert res.plan == "ann"
-    d_old, i_old = _per_segment(view, q, K, p)
+    res = _assert_shared_matches_per_segment(view, _queries(corpus))
     assert (res.ids >= 0).all()
-    np.testing.assert_array_equal(res.ids, i_old)
-    np.testing.assert_allclose(res.distances, d_old, rtol=1e-5, atol=1e-5)
     # every segment is reached (ids of all three id ranges come back)
     starts = [s.offset for s in view.segments]
     got = np.searchsorted(starts, res.ids.ravel(), side="right") - 1
@@ -274,10 +279,4 @@ def test_shared_fanout_with_pq_rerank_codes(corpus, tmp_path):
     append_segment(index_cfg(corpus["emb"]["new2"], folder))
     view = open_index(folder)
     assert len(view.fanout["image"].members) == 3
-    q = _queries(corpus)
-    p = SearchParams(nprobe=4, k_factor=2000)
-    res = view.search(q, K, params=p)
-    assert res.plan == "ann"
-    d_old, i_old = _per_segment(view, q, K, p)
-    np.testing.assert_allclose(res.distances, d_old, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(res.ids, i_old)
+    _assert_shared_matches_per_segment(view, _queries(corpus))

@@ -24,14 +24,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
 from clipsearch.errors import InputError
 from clipsearch.segments import layout
 from clipsearch.segments.fanout import SharedFanout
-from clipsearch.serve import search as serve_search
 from clipsearch.serve.filters import FilterBitmap, FilterError
 from clipsearch.serve.search import IndexSearcher, SearchParams, SearchResult
 
@@ -347,10 +345,7 @@ class SegmentedSearcher:
         fan = self.fanout.get(modality) if bm is None else None
         if fan is not None:
             base = self.segments[0].searcher.indices[modality]
-            if base.threads and getattr(serve_search._tls, "omp", None) != base.threads:
-                # as ModalityIndex.search: the OpenMP threads of the calling (request) thread
-                faiss.omp_set_num_threads(base.threads)
-                serve_search._tls.omp = base.threads
+            base.use_search_threads()
             d, i = fan.search(q, k, p, base.defaults)
             dists.append(d)
             ids.append(i)

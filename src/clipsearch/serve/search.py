@@ -290,13 +290,17 @@ class ModalityIndex:
             or (isinstance(self.inner, faiss.IndexIVFFlat) and not isinstance(idx, faiss.IndexPreTransform))
         )
 
+    def use_search_threads(self) -> None:
+        """Give faiss this index's thread count in the calling thread (an OpenMP ICV is per thread):
+        server request threads search with one thread each."""
+        if self.threads and getattr(_tls, "omp", None) != self.threads:
+            faiss.omp_set_num_threads(self.threads)
+            _tls.omp = self.threads
+
     def search(
         self, x: np.ndarray, k: int, p: SearchParams, sel: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self.threads and getattr(_tls, "omp", None) != self.threads:
-            # per calling thread (an OpenMP ICV): server request threads search with one thread each
-            faiss.omp_set_num_threads(self.threads)
-            _tls.omp = self.threads
+        self.use_search_threads()
         merged = p.merged(self.defaults)
         if sel is None:
             # unfiltered searches reuse one parameter tree per setting: building the SWIG objects costs
@@ -598,9 +602,7 @@ class IndexSearcher:
         kk = min(k, len(ids))
         if kk == 0:
             return dist, out
-        if mi.threads and getattr(_tls, "omp", None) != mi.threads:
-            faiss.omp_set_num_threads(mi.threads)
-            _tls.omp = mi.threads
+        mi.use_search_threads()
         d, local = flat.search(np.ascontiguousarray(q, dtype=np.float32), kk)
         ok = local >= 0
         dist[:, :kk] = np.where(ok, d, -np.inf)

@@ -14,9 +14,8 @@ const els = {
 // the current query: {kind: "text"|"image"|"image_url"|"id", value, label}
 let current = null;
 let nextOffset = null;
-let busy = false;     // a search is in flight
 let searchSeq = 0;    // bumps on every new search: a late answer to an older one is dropped
-let inFlight = null;  // AbortController of the search in flight
+let inFlight = null;  // AbortController of the search in flight, null when none is
 let indices = [];
 let thumbUrl = null;
 
@@ -111,13 +110,12 @@ function errorText(data, status) {
 
 async function search(append = false) {
   if (!current) return;
-  if (append && busy) return;  // "load more" waits for the page it extends
+  if (append && inFlight) return;  // "load more" waits for the page it extends
   // A new query wins over the one in flight (a click while results are loading must not be lost).
   if (inFlight) inFlight.abort();
   const seq = ++searchSeq;
   const ctrl = new AbortController();
   inFlight = ctrl;
-  busy = true;
   els.more.disabled = true;
   const offset = append ? nextOffset || 0 : 0;
   if (!append) setStatus("Searching…");
@@ -151,7 +149,6 @@ async function search(append = false) {
     if (seq === searchSeq) setStatus("Search failed: " + e, true);
   } finally {
     if (seq === searchSeq) {
-      busy = false;
       inFlight = null;
       els.more.disabled = false;
     }

@@ -74,6 +74,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/to-private":
             port = self.server.server_address[1]
             self._send(302, b"", "text/plain", {"Location": f"http://127.0.0.2:{port}/red.png"})
+        elif path == "/to-idna":  # a malformed IDNA host (A-label ending in a hyphen)
+            self._send(302, b"", "text/plain", {"Location": "http://xn--localhost-/a.png"})
+        elif path == "/to-bad-port":
+            self._send(302, b"", "text/plain", {"Location": "http://127.0.0.1:99999/a.png"})
         elif path == "/loop":
             self._send(302, b"", "text/plain", {"Location": "/loop"})
         else:

@@ -44,12 +44,27 @@ def test_allow_listed_loopback_image_url_works(open_client, image_server):
 def test_loopback_refused_without_allow_list(strict_client, image_server):
     r = strict_client.post("/knn", json={"image_url": image_server + "/red.png"})
     assert r.status_code == 403
-    assert "refused" in r.json()["detail"] and "--allow-url-host" in r.json()["detail"]
+    assert "this host is not allowed" in r.json()["detail"] and "--allow-url-host" in r.json()["detail"]
+    assert "127.0.0.1" not in r.json()["detail"]
 
 
 def test_redirect_to_private_address_refused(open_client, image_server):
     r = open_client.post("/knn", json={"image_url": image_server + "/to-private"})
-    assert r.status_code == 403 and "127.0.0.2" in r.json()["detail"]
+    assert r.status_code == 403 and "not allowed" in r.json()["detail"]
+    assert "127.0.0.2" not in r.json()["detail"]  # the refused address is logged, not returned
+
+
+def test_unresolvable_and_private_names_get_the_same_answer(strict_client, caplog):
+    """A name that does not resolve and one that resolves to a private address are indistinguishable."""
+    caplog.set_level("INFO", logger="clipsearch.serve.fetch_image")
+    a = strict_client.post("/knn", json={"image_url": "http://localhost/a.png"})
+    b = strict_client.post("/knn", json={"image_url": "http://no-such-host.invalid/a.png"})
+    assert a.status_code == b.status_code == 403
+    assert a.json() == b.json()
+    body = a.text + b.text
+    for leak in ("127.0.0.1", "::1", "resolve", "Errno", "gaierror", "Name or service"):
+        assert leak not in body
+    assert "127.0.0.1" in caplog.text or "::1" in caplog.text  # the details stay in the server log
 
 
 @pytest.mark.parametrize(
@@ -58,6 +73,8 @@ def test_redirect_to_private_address_refused(open_client, image_server):
         ("/big.png", 413, "limit"),
         ("/slow.png", 408, "longer than"),
         ("/notimage.png", 400, "could not be decoded"),
+        ("/to-idna", 400, "invalid URL"),
+        ("/to-bad-port", 400, "invalid port"),
         ("/missing.png", 422, "HTTP 404"),
         ("/loop", 422, "redirected more than"),
     ],
@@ -66,6 +83,35 @@ def test_fetch_failures_are_4xx(open_client, image_server, path, status, fragmen
     r = open_client.post("/knn", json={"image_url": image_server + path})
     assert r.status_code == status, r.text
     assert fragment in r.json()["detail"]
+    assert "Error" not in r.json()["detail"]  # no library class names
+
+
+@pytest.mark.parametrize(
+    "url,fragment",
+    [
+        ("http://xn--localhost-/", "invalid host name"),
+        ("http://xn--/a.png", "invalid host name"),
+        ("http://a.example:99999/a.png", "invalid port"),
+        ("http://[::1/a.png", "not a valid URL"),
+        ("http://a\x00b/", "not a valid URL"),
+        ("ftp://example.com/a.png", "http or https"),
+        ("http:///a.png", "no host"),
+        ("//example.com/a.png", "http or https"),
+    ],
+)
+def test_malformed_urls_are_400(strict_client, url, fragment):
+    r = strict_client.post("/knn", json={"image_url": url.replace("\\x00", "\x00")})
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["detail"]
+    assert "IDNA" not in r.text and "Error" not in r.text
+
+
+def test_connection_failure_names_no_library_class(open_client):
+    port = _closed_port()
+    r = open_client.post("/knn", json={"image_url": f"http://127.0.0.1:{port}/a.png"})
+    assert (
+        r.status_code == 422 and r.json()["detail"] == "image_url could not be fetched: the connection failed"
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,6 +127,21 @@ def test_fetch_failures_are_4xx(open_client, image_server, path, status, fragmen
         "http://0.0.0.0/a.png",
         "http://100.64.0.1/a.png",
         "http://localhost/a.png",
+        # IPv6 forms that carry an IPv4 address are judged by that address
+        "http://[64:ff9b::7f00:1]/a.png",  # NAT64 well-known prefix -> 127.0.0.1
+        "http://[64:ff9b::a9fe:a9fe]/a.png",  # -> 169.254.169.254
+        "http://[64:ff9b:1:7f00:0:100::]/a.png",  # NAT64 local-use prefix, /48 layout -> 127.0.0.1
+        "http://[64:ff9b:1::a00:1]/a.png",  # local-use prefix, /96 layout -> 10.0.0.1
+        "http://[2002:7f00:1::]/a.png",  # 6to4 -> 127.0.0.1
+        "http://[2002:a00:1::1]/a.png",  # 6to4 -> 10.0.0.1
+        "http://[2001:0:7f00:1::808:808]/a.png",  # Teredo, server 127.0.0.1
+        "http://[::127.0.0.1]/a.png",  # IPv4-compatible
+        "http://[::ffff:0:a00:1]/a.png",  # IPv4-translated -> 10.0.0.1
+        "http://[::ffff:169.254.169.254]/a.png",  # IPv4-mapped
+        "http://[fd00::1]/a.png",  # unique local
+        "http://[fe80::1%25eth0]/a.png",  # link-local with a zone
+        "http://[::]/a.png",
+        "http://[ff02::1]/a.png",
     ],
 )
 def test_private_link_local_and_loopback_addresses_refused(url):
@@ -96,8 +157,9 @@ def test_hostname_resolving_to_private_refused(monkeypatch):
         return ["93.184.216.34", "10.0.0.7"]  # one public, one private: refused
 
     monkeypatch.setattr(fi, "_resolve", fake_resolve)
-    with pytest.raises(ImageFetchError, match="10.0.0.7"):
+    with pytest.raises(ImageFetchError, match="not allowed") as e:
         asyncio.run(check_url(httpx.URL("http://rebind.example/a.png"), ()))
+    assert e.value.status == 403 and "10.0.0.7" not in e.value.one_line()
     assert (
         asyncio.run(check_url(httpx.URL("http://rebind.example/a.png"), ("rebind.example",)))
         == "93.184.216.34"
@@ -121,3 +183,11 @@ def test_connection_goes_to_the_checked_address(monkeypatch):
     data = asyncio.run(fetch_image_bytes("http://pics.example/a.png", transport=httpx.MockTransport(handler)))
     assert data == b"img"
     assert seen[0].url.host == "93.184.216.34" and seen[0].headers["host"] == "pics.example"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

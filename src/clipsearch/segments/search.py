@@ -81,10 +81,10 @@ class SegmentedFilters:
         self._cache: OrderedDict[str, SegmentedBitmap] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _key(self, expression: str) -> str:
-        from clipsearch.serve.filters import parse_filter
+    def _key(self, expression: str) -> Any:
+        from clipsearch.serve.filters import parse_canonical
 
-        return str(parse_filter(expression))
+        return parse_canonical(expression)
 
     def cached(self, expression: str) -> bool:
         try:
@@ -101,13 +101,16 @@ class SegmentedFilters:
             if bm is not None:
                 self._cache.move_to_end(key)
                 return bm
-        from clipsearch.serve.filters import check_filter, parse_filter
+        from clipsearch.serve.filters import check_filter
 
-        check_filter(parse_filter(expression), self.view.metadata.schema)  # unknown column: one error
+        check_filter(key, self.view.metadata.schema)  # unknown column: one error
+        budgets = [s.searcher.filters.budget_s for s in self.view.segments]
+        # one time budget for the whole request, however many segments it scans
+        deadline = time.monotonic() + budgets[0] if budgets and budgets[0] is not None else None
         parts: list[FilterBitmap | None] = []
         for seg in self.view.segments:
             try:
-                fb = seg.searcher.filter_bitmap(expression)
+                fb = seg.searcher.filter_bitmap(expression, deadline=deadline)
             except FilterError:
                 if any(c not in seg.searcher.metadata.columns for c in _columns(expression)):
                     parts.append(None)  # a column this segment's metadata does not have: no match
@@ -127,9 +130,9 @@ class SegmentedFilters:
 
 
 def _columns(expression: str) -> set[str]:
-    from clipsearch.serve.filters import _columns_of, parse_filter
+    from clipsearch.serve.filters import _columns_of, parse_canonical
 
-    return _columns_of(parse_filter(expression))
+    return _columns_of(parse_canonical(expression))
 
 
 class SegmentedMetadata:

@@ -17,13 +17,21 @@ Example: ``caption contains "dog" and width >= 512 and status in ("success")``.
 Text matching (`contains`, `startswith`, `endswith`) ignores case; `==` is exact. A comparison with a null
 value is false. The bitmap is computed over the memory-mapped Arrow columns batch by batch (vectorised),
 then packed little-endian, the layout faiss's `IDSelectorBitmap` reads.
+
+Limits (bad or costly input gets a FilterError, a 400, never a crash): at most `MAX_DEPTH` levels of
+parentheses and `not`, at most `MAX_TERMS` comparisons, and a wall-clock budget for evaluating a new filter
+over the metadata columns (`FilterCache(budget_s=...)`, checked between record batches). Bitmaps are cached
+by the filter's canonical parsed form (`canonical`), so texts that differ only in spacing, keyword case,
+term order or double negation share one entry.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +46,19 @@ logger = logging.getLogger(__name__)
 
 
 KEEP_IDS_MAX = 100_000  # keep the id list of a filter allowing at most this many ids
+MAX_DEPTH = 32  # nesting levels of parentheses and `not` (the parser and evaluator recurse per level)
+MAX_TERMS = 64  # comparisons in one expression (each is one vectorised pass over its column)
+MAX_IN_VALUES = 1000  # values in one `in (...)` list
+PARSE_CACHE = 1024  # filter texts whose parsed form is kept
+EVAL_ROWS = 65_536  # rows evaluated between two checks of the time budget
 
 
 class FilterError(InputError):
     """A filter expression that does not parse or does not fit the metadata columns."""
+
+
+class FilterBudgetError(FilterError):
+    """Evaluating a new filter over the metadata took longer than the per-request budget."""
 
 
 # ----------------------------------------------------------------------------------------------- AST
@@ -145,6 +162,8 @@ class _Parser:
         self.text = text
         self.toks = tokenize(text)
         self.i = 0
+        self.depth = 0
+        self.terms = 0
 
     def peek(self) -> _Tok | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
@@ -197,14 +216,20 @@ class _Parser:
         return items[0] if len(items) == 1 else BoolOp("and", tuple(items))
 
     def not_expr(self) -> Any:
+        t = self.peek()
         if self.accept_kw("not"):
-            return Not(self.not_expr())
+            with self.nested(t):
+                return Not(self.not_expr())
         if self.accept_op("("):
-            node = self.expr()
+            with self.nested(t):
+                node = self.expr()
             if not self.accept_op(")"):
                 raise self.fail(self.peek(), "')'")
             return node
         return self.comparison()
+
+    def nested(self, t: _Tok | None) -> _Nesting:
+        return _Nesting(self, t)
 
     def literal(self) -> Any:
         t = self.next("a value")
@@ -218,6 +243,12 @@ class _Parser:
         t = self.next("a column name")
         if t.kind != "name":
             raise self.fail(t, "a column name")
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise FilterError(
+                f"filter: more than {MAX_TERMS} comparisons (the limit) at position {t.pos}; "
+                "combine values with 'in (...)'"
+            )
         col = t.value
         op = self.next("an operator")
         if op.kind == "kw" and op.value in ("contains", "startswith", "endswith"):
@@ -259,14 +290,64 @@ class _Parser:
         vals = [self.literal()]
         while self.accept_op(","):
             vals.append(self.literal())
+            if len(vals) > MAX_IN_VALUES:
+                raise FilterError(f"filter: more than {MAX_IN_VALUES} values (the limit) in one 'in' list")
         if not self.accept_op(close):
             raise self.fail(self.peek(), f"',' or '{close}'")
         return tuple(vals)
 
 
+class _Nesting:
+    """One level of parentheses or `not`: the depth limit keeps every recursive walk of the tree shallow."""
+
+    def __init__(self, parser: _Parser, t: _Tok | None):
+        self.parser, self.t = parser, t
+
+    def __enter__(self) -> None:
+        self.parser.depth += 1
+        if self.parser.depth > MAX_DEPTH:
+            pos = f" at position {self.t.pos}" if self.t is not None else ""
+            raise FilterError(f"filter: nested more than {MAX_DEPTH} levels deep (the limit){pos}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.parser.depth -= 1
+
+
 def parse_filter(text: str) -> Any:
     """Parse a filter expression into an AST; raise FilterError with the position of the problem."""
     return _Parser(text).parse()
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE)
+def parse_canonical(text: str) -> Any:
+    """`canonical(parse_filter(text))`, remembered for recent texts (the tree is immutable, so shared)."""
+    return canonical(parse_filter(text))
+
+
+def _sort_key(v: Any) -> tuple[str, str]:
+    return (type(v).__name__, repr(v))
+
+
+def canonical(node: Any) -> Any:
+    """The canonical form of a parsed filter: same rows <=> same form for the rewrites below.
+
+    `not not x` -> x; nested and/or of the same kind are flattened; the terms of and/or and the values of
+    `in` lists are sorted and deduplicated (and/or and set membership do not depend on order).
+    """
+    if isinstance(node, Not):
+        inner = canonical(node.item)
+        return inner.item if isinstance(inner, Not) else Not(inner)
+    if isinstance(node, BoolOp):
+        items: dict[str, Any] = {}
+        for it in node.items:
+            c = canonical(it)
+            for sub in c.items if isinstance(c, BoolOp) and c.op == node.op else (c,):
+                items.setdefault(str(sub), sub)
+        ordered = tuple(items[k] for k in sorted(items))
+        return ordered[0] if len(ordered) == 1 else BoolOp(node.op, ordered)
+    if node.op in ("in", "notin"):
+        return Cmp(node.column, node.op, tuple(sorted(set(node.value), key=_sort_key)))
+    return node
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -320,6 +401,8 @@ def check_filter(node: Any, schema: pa.Schema) -> None:
         ok = vk == kind or (kind == "time" and vk == "string")
         if not ok:
             raise FilterError(f"filter: column {node.column!r} is {kind}, cannot compare it with {v!r}")
+        if isinstance(v, int) and not isinstance(v, bool) and not (-(2**63) <= v < 2**63):
+            raise FilterError(f"filter: {v} is out of the 64-bit integer range (column {node.column!r})")
     if op in ("<", "<=", ">", ">=", "between") and kind == "bool":
         raise FilterError(f"filter: {op!r} does not apply to the true/false column {node.column!r}")
 
@@ -350,8 +433,11 @@ def _eval(node: Any, batch: pa.RecordBatch) -> pa.Array:
     elif op in ("in", "notin"):
         try:
             value_set = pa.array(list(v)).cast(col.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise FilterError(f"filter: values {list(v)!r} do not fit column {node.column!r}: {e}") from e
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OverflowError) as e:
+            logger.info("filter values %r do not fit column %r: %s", list(v)[:20], node.column, e)
+            raise FilterError(
+                f"filter: the values of 'in' do not fit column {node.column!r} ({col.type})"
+            ) from None
         res = pc.is_in(col, value_set=value_set)
         if op == "notin":
             res = pc.invert(res)
@@ -420,61 +506,101 @@ class FilterBitmap:
         return sel
 
 
-def compute_bitmap(expression: str, table: Any, n: int | None = None) -> FilterBitmap:
-    """Evaluate `expression` over a MetadataTable (anything with .schema and .batches())."""
-    node = parse_filter(expression)
+def compute_bitmap(
+    expression: str | Any,
+    table: Any,
+    n: int | None = None,
+    *,
+    deadline: float | None = None,
+    budget_s: float | None = None,
+) -> FilterBitmap:
+    """Evaluate `expression` (text or parsed form) over a MetadataTable (anything with .schema and
+    .batches()). With `deadline` (a `time.monotonic()` value), FilterBudgetError once it has passed
+    (`budget_s` is only quoted in the message)."""
+    node = canonical(parse_filter(expression) if isinstance(expression, str) else expression)
     check_filter(node, table.schema)
+    text = str(node)
     cols = sorted(_columns_of(node))
     total = table.num_rows if n is None else n
     packed = np.zeros((total + 7) // 8, dtype=np.uint8)
     count = 0
-    # batches are packed one at a time (a batch may start mid-byte: OR its bits in)
-    for start, batch in table.batches():
-        if start >= total:
+    for batch_start, batch in table.batches():
+        if batch_start >= total:
             break
-        sub = batch.select(cols)
-        try:
-            res = _eval(node, sub)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError) as e:
-            raise FilterError(f"filter: cannot evaluate {expression!r}: {e}") from e
-        arr = res.to_numpy(zero_copy_only=False).astype(bool, copy=False)[: total - start]
-        count += int(arr.sum())
-        head = (-start) % 8  # bits until the next byte boundary
-        if head:
-            for j in range(min(head, len(arr))):
-                if arr[j]:
-                    packed[(start + j) >> 3] |= np.uint8(1 << ((start + j) & 7))
-            arr = arr[head:]
-            start += head
-        if len(arr):
-            bits = np.packbits(arr, bitorder="little")
-            packed[start >> 3 : (start >> 3) + len(bits)] |= bits
-    return FilterBitmap(expression, total, count, packed)
+        # slices of at most EVAL_ROWS rows (zero-copy), so that the deadline is checked often enough
+        for off in range(0, max(1, batch.num_rows), EVAL_ROWS):
+            start = batch_start + off
+            if start >= total:
+                break
+            sub = batch.slice(off, EVAL_ROWS).select(cols)
+            try:
+                res = _eval(node, sub)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError) as e:
+                logger.info("filter %s could not be evaluated: %s", text, e)
+                raise FilterError(
+                    "filter: cannot evaluate it over the metadata columns (a value does not fit its column's type)"
+                ) from None
+            count += _pack_into(packed, start, res.to_numpy(zero_copy_only=False)[: total - start])
+            done = start + sub.num_rows
+            if deadline is not None and done < total and time.monotonic() > deadline:
+                budget = f"{budget_s:g} s " if budget_s is not None else ""
+                raise FilterBudgetError(
+                    f"filter: evaluating this new filter took longer than the {budget}per-request budget "
+                    f"(filter_budget_s) after {done:,} of {total:,} rows; use fewer or cheaper terms "
+                    "(==, in and between cost less than contains, startswith and endswith)"
+                )
+    return FilterBitmap(text, total, count, packed)
+
+
+def _pack_into(packed: np.ndarray, start: int, arr: np.ndarray) -> int:
+    """OR the bits of bool `arr` into `packed` from bit `start` (which may fall mid-byte); returns the count."""
+    arr = arr.astype(bool, copy=False)
+    count = int(arr.sum())
+    head = (-start) % 8  # bits until the next byte boundary
+    if head:
+        for j in range(min(head, len(arr))):
+            if arr[j]:
+                packed[(start + j) >> 3] |= np.uint8(1 << ((start + j) & 7))
+        arr = arr[head:]
+        start += head
+    if len(arr):
+        bits = np.packbits(arr, bitorder="little")
+        packed[start >> 3 : (start >> 3) + len(bits)] |= bits
+    return count
 
 
 class FilterCache:
-    """LRU of FilterBitmap per canonical filter expression (thread-safe)."""
+    """LRU of FilterBitmap per canonical parsed filter (thread-safe).
 
-    def __init__(self, table: Any, size: int = 64, n: int | None = None):
+    Filter texts are parsed once (`parse_canonical` keeps recent ones), then bitmaps are looked up by their
+    canonical form. A new filter is evaluated within `budget_s` seconds (None: no limit).
+    """
+
+    def __init__(self, table: Any, size: int = 64, n: int | None = None, budget_s: float | None = None):
         self.table = table
         self.size = size
         self.n = n
-        self._cache: OrderedDict[str, FilterBitmap] = OrderedDict()
+        self.budget_s = budget_s
+        self._cache: OrderedDict[Any, FilterBitmap] = OrderedDict()
         self._lock = threading.Lock()
-        self._flights: dict[str, threading.Lock] = {}
+        self._flights: dict[Any, threading.Lock] = {}
         self.hits = 0
         self.misses = 0
 
+    def key(self, expression: str) -> Any:
+        """The canonical parsed form of `expression` (FilterError when it does not parse)."""
+        return parse_canonical(expression)
+
     def cached(self, expression: str) -> bool:
         try:
-            key = str(parse_filter(expression))
+            key = self.key(expression)
         except FilterError:
             return True  # fails fast either way
         with self._lock:
             return key in self._cache
 
-    def get(self, expression: str) -> FilterBitmap:
-        key = str(parse_filter(expression))  # canonical: whitespace and keyword case do not matter
+    def get(self, expression: str, deadline: float | None = None) -> FilterBitmap:
+        key = self.key(expression)
         with self._lock:
             bm = self._cache.get(key)
             if bm is not None:
@@ -488,8 +614,10 @@ class FilterCache:
                 bm = self._cache.get(key)
             if bm is not None:
                 return bm
+            if deadline is None and self.budget_s is not None:
+                deadline = time.monotonic() + self.budget_s
             try:
-                bm = compute_bitmap(expression, self.table, self.n)
+                bm = compute_bitmap(key, self.table, self.n, deadline=deadline, budget_s=self.budget_s)
             finally:
                 with self._lock:
                     self._flights.pop(key, None)

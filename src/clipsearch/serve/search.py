@@ -380,6 +380,7 @@ class IndexSearcher:
         cache_dir: str | None = None,
         mmap: str = "auto",
         threads: int = 0,
+        filter_budget_s: float | None = None,
     ):
         self.uri = path
         self.name = name or os.path.basename(path.rstrip("/")) or "index"
@@ -428,7 +429,9 @@ class IndexSearcher:
             raise InputError(f"{info_path} lists neither an image nor a text index")
         self.count = self.metadata.num_rows
         self.exact_max = exact_max
-        self.filters = FilterCache(self.metadata, size=filter_cache_size, n=self.count)
+        self.filters = FilterCache(
+            self.metadata, size=filter_cache_size, n=self.count, budget_s=filter_budget_s
+        )
         self._subset_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._subset_bytes = 0
         self._subset_budget = subset_cache_bytes
@@ -477,8 +480,8 @@ class IndexSearcher:
         }
 
     # ------------------------------------------------------------------ search
-    def filter_bitmap(self, expression: str) -> FilterBitmap:
-        return self.filters.get(expression)
+    def filter_bitmap(self, expression: str, deadline: float | None = None) -> FilterBitmap:
+        return self.filters.get(expression, deadline)
 
     def search(
         self,

@@ -128,6 +128,7 @@ class ServeState:
                     subset_cache_bytes=settings.subset_cache_bytes,
                     mmap=settings.mmap,
                     threads=settings.search_threads,
+                    filter_budget_s=settings.filter_budget_s or None,
                 )
             if encoder is None:
                 encoder = load_encoder(settings, searchers)
@@ -219,8 +220,8 @@ class ServeState:
                 raise InputError(f"the image is over the {self.settings.max_image_bytes} bytes limit")
             try:
                 data = base64.b64decode(raw, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise InputError(f"image is not valid base64: {e}") from e
+            except (binascii.Error, ValueError):
+                raise InputError("image is not valid base64 (nor a data: URL holding base64)") from None
             return await self._encode_image(data, timings)
         if req.image_url is not None:
             t = time.perf_counter()

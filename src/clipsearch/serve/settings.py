@@ -68,6 +68,8 @@ class ServeSettings:
     # search planning
     exact_max: int = 50_000  # a filter allowing at most this many ids is searched exactly
     filter_cache_size: int = 64
+    #: wall-clock seconds a request may spend evaluating a new (uncached) filter over the metadata; 0 = no limit
+    filter_budget_s: float = 5.0
     subset_cache_bytes: int = 128 * 1024 * 1024
     overfetch: float = 2.0  # extra candidates fetched when deduplicate / safety may remove results
     # result hygiene
@@ -128,6 +130,8 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_k > self.max_k:
             raise ConfigError(f"default_k {self.default_k} is larger than max_k {self.max_k}")
+        if self.filter_budget_s < 0:
+            raise ConfigError(f"filter_budget_s must be >= 0 (0 = no limit), got {self.filter_budget_s}")
         if self.url_timeout_s <= 0:
             raise ConfigError("url_timeout_s must be > 0")
         if not (0.0 < self.dedup_threshold <= 1.0):

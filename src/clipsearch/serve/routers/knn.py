@@ -5,7 +5,8 @@ The body is JSON (`KnnRequest`) or a multipart form with an `image` file and the
 
 from __future__ import annotations
 
-import json
+import logging
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,8 +16,10 @@ from starlette.datastructures import UploadFile
 
 from clipsearch.errors import InputError
 from clipsearch.serve.deps import State
-from clipsearch.serve.schemas import KnnRequest, KnnResponse, multipart_schema
+from clipsearch.serve.schemas import MAX_EMBEDDING_DIM, KnnRequest, KnnResponse, multipart_schema
 from clipsearch.serve.service import Query
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["search"])
 
@@ -65,6 +68,33 @@ def _errors(e: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_MAX_NUMBER_CHARS = 40  # digits of one float: longer only adds precision a float32 cannot hold
+
+
+def parse_number_array(key: str, text: str, max_len: int = MAX_EMBEDDING_DIM) -> list[float]:
+    """A form field holding a JSON array of numbers (`[0.1, -2e-3]`), parsed without recursion and in
+    time linear in its length: nested arrays, objects and anything else are refused with a 400."""
+    body = text.strip()
+    if len(body) > max_len * (_MAX_NUMBER_CHARS + 2) + 2:
+        raise InputError(f"{key} is too long: at most {max_len} numbers")
+    if not (body.startswith("[") and body.endswith("]")):
+        raise InputError(f"{key} must be a JSON array of numbers, such as [0.1, -0.2]")
+    inner = body[1:-1].strip()
+    if not inner:
+        return []
+    items = inner.split(",")
+    if len(items) > max_len:
+        raise InputError(f"{key} has {len(items)} values, more than the {max_len} limit")
+    out = []
+    for i, raw in enumerate(items):
+        tok = raw.strip()
+        if len(tok) > _MAX_NUMBER_CHARS or not _NUMBER.fullmatch(tok):
+            raise InputError(f"{key} must be a flat JSON array of numbers: item {i} is {tok[:20]!r}")
+        out.append(float(tok))
+    return out
+
+
 async def _parse_form(request: Request, max_image_bytes: int) -> Query:
     try:
         form = await request.form(max_files=1, max_fields=64, max_part_size=max_image_bytes + 1024)
@@ -73,7 +103,13 @@ async def _parse_form(request: Request, max_image_bytes: int) -> Query:
     except Exception as e:  # malformed multipart bodies raise several types
         if getattr(e, "status_code", None) == 413:
             raise
-        raise InputError(f"the form could not be parsed: {getattr(e, 'detail', None) or e}") from None
+        detail = getattr(e, "detail", None)  # starlette's own words about a limit or a missing boundary
+        logger.info("form could not be parsed: %s: %s", type(e).__name__, e)
+        raise InputError(
+            f"the form could not be parsed: {detail}"
+            if isinstance(detail, str)
+            else "the form could not be parsed"
+        ) from None
     data: dict[str, Any] = {}
     image: bytes | None = None
     try:
@@ -90,10 +126,7 @@ async def _parse_form(request: Request, max_image_bytes: int) -> Query:
             if key in _FORM_LISTS:
                 data.setdefault(key, []).extend(c.strip() for c in value.split(",") if c.strip())
             elif key in _FORM_JSON:
-                try:
-                    data[key] = json.loads(value)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{key} must be a JSON array of numbers: {e}") from None
+                data[key] = parse_number_array(key, value)
             elif key in data:
                 raise InputError(f"field {key!r} is given twice")
             else:

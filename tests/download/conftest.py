@@ -57,6 +57,10 @@ def make_handler(state: _State):
                 if parts[0] == "img":
                     ctype, body = ASSETS[parts[1]]
                     return self._send(200, body, ctype)
+                if parts[0] == "counted":  # an asset, counting the requests per path+query
+                    state.hit(path + "?" + q)
+                    ctype, body = ASSETS[parts[1]]
+                    return self._send(200, body, ctype)
                 if parts[0] == "404":
                     return self._send(404, b"nope", "text/plain")
                 if parts[0] == "err500":  # 500 on the first hit of each id, then the image

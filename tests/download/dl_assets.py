@@ -37,6 +37,18 @@ def _png_bomb(w: int, h: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def _textured(size: tuple[int, int], cell: int) -> bytes:
+    """A checkerboard photo: every blurred pixel shows."""
+    w, h = size
+    im = Image.new("RGB", size)
+    im.putdata(
+        [(230, 40, 40) if (x // cell + y // cell) % 2 else (20, 60, 220) for y in range(h) for x in range(w)]
+    )
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
 ASSETS = {
     "big.jpg": ("image/jpeg", _img("JPEG", (1024, 768))),
     "tall.jpg": ("image/jpeg", _img("JPEG", (300, 900))),
@@ -45,6 +57,7 @@ ASSETS = {
     "pic.webp": ("image/webp", _img("WEBP", (640, 480), color=(10, 10, 200))),
     "exif.jpg": ("image/jpeg", _img("JPEG", (320, 240), exif=True)),
     "other.jpg": ("image/jpeg", _img("JPEG", (600, 600), color=(250, 250, 0))),
+    "face.jpg": ("image/jpeg", _textured((640, 480), 16)),
     "bomb.png": ("image/png", _png_bomb(12000, 12000)),
     "hugebomb.png": ("image/png", _png_bomb(60000, 60000)),
     "trunc.jpg": ("image/jpeg", _img("JPEG", (800, 600))[:3000]),

@@ -311,6 +311,18 @@ def test_resume_after_kill(server, tmp_path):
     for t in out.glob("*.tar"):
         with tarfile.open(t) as tar:
             assert len(tar.getnames()) == 12
+    # the resumed folder holds the same bytes as a run that was never killed
+    clean = tmp_path / "clean"
+    clean_cmd = [str(clean) if a == str(out) else a for a in cmd] + ["--thread-count", "8"]
+    r = subprocess.run(clean_cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+    def shards(folder: Path) -> dict[str, bytes]:
+        return {
+            p.name: p.read_bytes() for p in folder.iterdir() if p.name[0].isdigit() and "stats" not in p.name
+        }
+
+    assert shards(out) == shards(clean) and len(shards(out)) == 12
 
 
 @pytest.mark.parametrize("live", [True, False], ids=["progress+dedup", "quiet"])

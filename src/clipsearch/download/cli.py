@@ -9,9 +9,11 @@ from typing import Any
 
 from clipsearch import distribute
 from clipsearch.download.config import (
+    BLUR_STRENGTHS,
     DEFAULT_DIRECTIVES,
     ENCODE_FORMATS,
     HASHES,
+    INCREMENTAL_MODES,
     INPUT_FORMATS,
     INTERPOLATIONS,
     OUTPUT_FORMATS,
@@ -25,6 +27,27 @@ logger = logging.getLogger(__name__)
 
 def _choices(values: tuple[str, ...]) -> str:
     return "|".join(values)
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _boolean(value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _flag(g: Any, name: str, help: str) -> None:
+    """A switch that also takes img2dataset's explicit value: `--skip-reencode`, `--skip-reencode True`,
+    `--extract-exif False`."""
+    g.add_argument(name, nargs="?", const=True, default=False, type=_boolean, metavar="BOOL", help=help)
+
+
+#: img2dataset's --distributor values, and ours
+_DISTRIBUTORS = {"local": "local", "multiprocessing": "local", "spark": "spark", "pyspark": "spark"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) -> None:
@@ -50,6 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         metavar="COL",
         help="input columns carried into the output metadata",
     )
+    g.add_argument(
+        "--bbox-col",
+        default=None,
+        metavar="COL",
+        help="column of boxes to blur (faces): a list of relative [x0, y0, x1, y1] per sample, as in "
+        "DataComp's face_bboxes; a sample with malformed boxes gets status failed_to_blur",
+    )
+    g.add_argument(
+        "--blur-strength",
+        default="datacomp",
+        metavar=_choices(BLUR_STRENGTHS),
+        help="datacomp: sigma = 10%% of the longest box side (DataComp, img2dataset <= 1.46); "
+        "img2dataset-1.47: the weaker kernel img2dataset 1.47 applies, for a byte-level match",
+    )
     g = parser.add_argument_group("download: output")
     if not pipeline:
         g.add_argument("--output-folder", required=True, help="output folder; any fsspec path")
@@ -58,20 +95,23 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     )
     g.add_argument("--number-sample-per-shard", default="10000", metavar="N", help="input rows per shard")
     g.add_argument(
-        "--incremental-mode",
-        default="incremental",
-        metavar="incremental|overwrite",
-        help="incremental: resume a previous run in the output folder; overwrite: start over",
+        "--oom-shard-count",
+        default="5",
+        metavar="N",
+        help="digits of shard names and of the shard part of keys (DataComp uses 8)",
     )
     g.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="fetch again the failed rows of finished shards (and finish unfinished ones)",
+        "--incremental-mode",
+        default="incremental",
+        metavar=_choices(INCREMENTAL_MODES),
+        help="incremental: resume a previous run in the output folder; overwrite: start over; "
+        "extend: add this list as new shards after the existing ones",
     )
+    _flag(g, "--retry-failed", "fetch again the failed rows of finished shards (and finish unfinished ones)")
     g = parser.add_argument_group("download: images")
     g.add_argument("--image-size", default="256", metavar="PX", help="target size in pixels")
     g.add_argument("--resize-mode", default="border", metavar=_choices(RESIZE_MODES), help="how to resize")
-    g.add_argument("--resize-only-if-bigger", action="store_true", help="never upscale")
+    _flag(g, "--resize-only-if-bigger", "never upscale")
     g.add_argument("--upscale-interpolation", default="lanczos", metavar=_choices(INTERPOLATIONS))
     g.add_argument("--downscale-interpolation", default="area", metavar=_choices(INTERPOLATIONS))
     g.add_argument(
@@ -90,17 +130,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         metavar="Q",
         help="jpg/webp quality 1-100 (default 95); png compression level 0-9 (default 6)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--skip-reencode",
-        action="store_true",
-        help="store the original bytes when no resize is needed and the format already matches",
+        "store the original bytes when no resize is needed and the format already matches "
+        "(never for a sample with boxes to blur)",
     )
-    g.add_argument(
+    _flag(
+        g,
         "--disable-all-reencoding",
-        action="store_true",
-        help="store every downloaded file as is, without decoding or checking it",
+        "store every downloaded file as is, without decoding or checking it (except samples with boxes to blur)",
     )
-    g.add_argument("--extract-exif", action="store_true", help="save EXIF tags as JSON in an exif column")
+    _flag(g, "--extract-exif", "save EXIF tags as JSON in an exif column")
     g.add_argument(
         "--compute-hash",
         default="sha256",
@@ -114,10 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         metavar=("COL", "ALGO"),
         help="input column holding the expected md5|sha256|sha512 of the downloaded bytes; mismatches fail",
     )
-    g.add_argument(
-        "--dedup",
-        action="store_true",
-        help="skip (status duplicate) a sample whose downloaded bytes were already seen in the run",
+    _flag(
+        g, "--dedup", "skip (status duplicate) a sample whose downloaded bytes were already seen in the run"
     )
     g = parser.add_argument_group("download: HTTP")
     g.add_argument(
@@ -154,14 +193,28 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="X-Robots-Tag directives that opt a sample out (none: ignore them)",
     )
     g = parser.add_argument_group("download: reporting")
-    g.add_argument(
-        "--enable-wandb", action="store_true", help="log metrics to Weights & Biases (wandb extra)"
-    )
+    _flag(g, "--enable-wandb", "log metrics to Weights & Biases (wandb extra)")
     g.add_argument("--wandb-project", default="clipsearch", help="W&B project name")
     if "--no-progress" not in parser._option_string_actions:  # pipeline: one flag shared by the stages
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
     if not pipeline:
         distribute.add_arguments(parser)
+        # img2dataset's names: --distributor multiprocessing|pyspark, --max-shard-retry, --subjob-size
+        parser._option_string_actions["--distributor"].choices = None
+        parser._option_string_actions["--distributor"].metavar = "local|spark"
+        g = parser.add_argument_group("download: img2dataset's distribution options")
+        g.add_argument(
+            "--max-shard-retry",
+            default=None,
+            metavar="N",
+            help="retries of a crashed shard (the same as --max-retries)",
+        )
+        g.add_argument(
+            "--subjob-size",
+            default="0",
+            metavar="N",
+            help="with --distributor spark, submit the shards in Spark jobs of N (0: one job)",
+        )
 
 
 def _num(args: Any, name: str, kind: type, optional: bool = False) -> Any:
@@ -180,6 +233,17 @@ def _num(args: Any, name: str, kind: type, optional: bool = False) -> Any:
 def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
     processes = _num(args, "processes_count", int)
     if hasattr(args, "distributor"):
+        name = str(args.distributor).lower()
+        if name == "ray":
+            raise ConfigError(
+                "Ray is not supported: use --distributor spark for a cluster",
+                hint="--distributor local|spark",
+            )
+        if name not in _DISTRIBUTORS:
+            raise ConfigError(f"unknown distributor {args.distributor!r}", hint="--distributor local|spark")
+        if getattr(args, "max_shard_retry", None) is not None:
+            args.max_retries = _num(args, "max_shard_retry", int)
+        args.distributor = _DISTRIBUTORS[name]
         dist = distribute.config_from_args(args, processes=processes)
     else:
         dist = distribute.DistributorConfig(processes=processes)
@@ -190,7 +254,10 @@ def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
         url_col=args.url_col,
         caption_col=args.caption_col,
         save_additional_columns=tuple(args.save_additional_columns or ()),
+        bbox_col=args.bbox_col,
+        blur_strength=args.blur_strength,
         output_format=args.output_format,
+        oom_shard_count=_num(args, "oom_shard_count", int),
         image_size=_num(args, "image_size", int),
         resize_mode=args.resize_mode,
         resize_only_if_bigger=args.resize_only_if_bigger,
@@ -222,6 +289,7 @@ def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
         wandb_project=args.wandb_project,
         progress=not getattr(args, "no_progress", False) and getattr(args, "progress", True) is not False,
         distributor=dist,
+        subjob_size=_num(args, "subjob_size", int) if hasattr(args, "subjob_size") else 0,
     )
     kw.update(overrides)
     return DownloadConfig(**kw)

@@ -8,12 +8,13 @@ from clipsearch.distribute import DistributorConfig
 from clipsearch.errors import ConfigError
 
 INPUT_FORMATS = ("txt", "csv", "tsv", "json", "jsonl", "parquet")
-OUTPUT_FORMATS = ("webdataset", "parquet", "files", "tfrecord")
+OUTPUT_FORMATS = ("webdataset", "parquet", "files", "tfrecord", "dummy")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "area")
 HASHES = ("sha256", "md5", "sha512", "none")
-INCREMENTAL_MODES = ("incremental", "overwrite")
+INCREMENTAL_MODES = ("incremental", "overwrite", "extend")
+BLUR_STRENGTHS = ("datacomp", "img2dataset-1.47")
 DEFAULT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 #: default quality per encode format (png: zlib compression level 0-9)
 DEFAULT_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
@@ -29,7 +30,11 @@ class DownloadConfig:
     url_col: str = "url"
     caption_col: str | None = None
     save_additional_columns: tuple[str, ...] = ()
+    #: column of relative [x0, y0, x1, y1] boxes to blur (faces); carried into the metadata like img2dataset
+    bbox_col: str | None = None
+    blur_strength: str = "datacomp"
     output_format: str = "webdataset"
+    oom_shard_count: int = 5  # digits of shard names (img2dataset's name)
     image_size: int = 256
     resize_mode: str = "border"
     resize_only_if_bigger: bool = False
@@ -61,6 +66,8 @@ class DownloadConfig:
     wandb_project: str = "clipsearch"
     progress: bool = True
     distributor: DistributorConfig = field(default_factory=DistributorConfig)
+    #: under Spark, shards are submitted in jobs of this many (img2dataset's subjob_size); 0: one job
+    subjob_size: int = 0
 
     def __post_init__(self) -> None:
         def bad(msg: str, hint: str) -> ConfigError:
@@ -70,6 +77,11 @@ class DownloadConfig:
             raise bad("no URL list given", "--url-list PATH")
         if not self.output_folder:
             raise bad("no output folder given", "--output-folder DIR")
+        # img2dataset's spellings: input formats with .gz (the extension tells), compute_hash None
+        if self.input_format is not None and self.input_format.endswith(".gz"):
+            object.__setattr__(self, "input_format", self.input_format[:-3])
+        if self.compute_hash is None or str(self.compute_hash).lower() == "none":
+            object.__setattr__(self, "compute_hash", "none")
         if self.input_format is not None and self.input_format not in INPUT_FORMATS:
             raise bad(
                 f"unknown input format {self.input_format!r}", "--input-format " + "|".join(INPUT_FORMATS)
@@ -95,8 +107,22 @@ class DownloadConfig:
         if self.incremental_mode not in INCREMENTAL_MODES:
             raise bad(
                 f"unknown incremental mode {self.incremental_mode!r}",
-                "--incremental-mode incremental|overwrite",
+                "--incremental-mode " + "|".join(INCREMENTAL_MODES),
             )
+        if self.blur_strength not in BLUR_STRENGTHS:
+            raise bad(
+                f"unknown blur strength {self.blur_strength!r}", "--blur-strength " + "|".join(BLUR_STRENGTHS)
+            )
+        if self.bbox_col is not None and not self.bbox_col:
+            raise bad("bbox_col must be a column name", "--bbox-col COL")
+        if self.input_format == "txt" and self.bbox_col:
+            raise bad(
+                "a txt URL list has no columns, so no bbox column", "--input-format csv or no --bbox-col"
+            )
+        if not 1 <= self.oom_shard_count <= 12:
+            raise bad(f"oom_shard_count must be in 1..12, got {self.oom_shard_count}", "--oom-shard-count")
+        if self.subjob_size < 0:
+            raise bad(f"subjob_size must be >= 0, got {self.subjob_size}", "--subjob-size")
         if not 8 <= self.image_size <= 16384:
             raise bad(f"image_size must be in 8..16384, got {self.image_size}", "--image-size")
         if self.min_image_size < 0:
@@ -163,6 +189,20 @@ class DownloadConfig:
                 raise bad(
                     f"additional column {c!r} clashes with an output column", "--save-additional-columns"
                 )
+        if self.bbox_col in reserved:
+            raise bad(f"bbox column {self.bbox_col!r} clashes with an output column", "--bbox-col")
+
+    @property
+    def carried_columns(self) -> tuple[str, ...]:
+        """Input columns copied into each sample's metadata: the additional ones, then the boxes (as
+        img2dataset does, so the stored metadata says what was blurred)."""
+        cols = self.save_additional_columns
+        if self.bbox_col and self.bbox_col not in cols:
+            cols = (*cols, self.bbox_col)
+        return cols
+
+    def shard_name(self, shard_id: int) -> str:
+        return f"{shard_id:0{self.oom_shard_count}d}"
 
     @property
     def quality(self) -> int:

@@ -51,10 +51,12 @@ class Shard:
     output_folder: str
     #: True: the shard is complete; fetch again only its failed rows (--retry-failed)
     retry: bool = False
+    #: digits of the shard's name (--oom-shard-count)
+    digits: int = 5
 
     @property
     def name(self) -> str:
-        return f"{self.shard_id:05d}"
+        return f"{self.shard_id:0{self.digits}d}"
 
     def __str__(self) -> str:
         return self.name
@@ -73,18 +75,41 @@ def detect_format(path: str) -> str | None:
     return ext if ext in INPUT_FORMATS else None
 
 
+def _is_glob(path: str) -> bool:
+    return any(ch in path.split("://", 1)[-1] for ch in "*?[")
+
+
+def _glob(url_list: str) -> list[str]:
+    """The files matching a glob (`hf://datasets/ORG/NAME/data/*.parquet`, `s3://b/urls/**.csv`), sorted,
+    with the URL's protocol kept so that workers open them the same way."""
+    fs, p = storage.get_fs(url_list)
+    proto = url_list.split("://", 1)[0] + "://" if "://" in url_list else ""
+    return sorted(proto + f for f in fs.glob(p) if fs.isfile(f))
+
+
 def list_input_files(url_list: str, input_format: str | None) -> tuple[list[str], str]:
-    """The input files (a file, or every matching file of a folder, sorted) and their format."""
+    """The input files (a file, every matching file of a folder, or of a glob; sorted) and their format."""
+    glob = _is_glob(url_list)
     try:
-        fs, p = storage.get_fs(url_list)
-        exists = fs.exists(p)
-        isdir = exists and fs.isdir(p)
-    except Exception as e:  # bad protocol, unreachable bucket, permissions...
-        raise InputError(f"cannot read URL list {url_list}: {e}", hint="--url-list") from e
+        if glob:
+            matched = _glob(url_list)
+            exists, isdir = bool(matched), True
+        else:
+            fs, p = storage.get_fs(url_list)
+            exists = fs.exists(p)
+            isdir = exists and fs.isdir(p)
+    except Exception as e:  # bad protocol, unreachable bucket or hub, permissions...
+        raise InputError(
+            f"cannot read URL list {url_list}: {type(e).__name__}: {e}", hint="--url-list"
+        ) from e
     if not exists:
-        raise InputError(f"URL list {url_list} does not exist", hint="--url-list PATH")
+        what = "no file matches" if glob else "does not exist"
+        raise InputError(
+            f"URL list {url_list}: {what}" if glob else f"URL list {url_list} {what}", hint="--url-list PATH"
+        )
     if isdir:
-        files = [f for f in storage.listdir(url_list) if not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+        found = matched if glob else storage.listdir(url_list)
+        files = [f for f in found if not f.rsplit("/", 1)[-1].startswith((".", "_"))]
         if input_format is None:
             fmts = {detect_format(f) for f in files} - {None}
             if len(fmts) != 1:
@@ -95,8 +120,12 @@ def list_input_files(url_list: str, input_format: str | None) -> tuple[list[str]
             input_format = fmts.pop()
         files = [f for f in files if detect_format(f) == input_format]
         if not files:
+            where = "files matching" if glob else "folder"
             raise InputError(
-                f"folder {url_list} holds no {input_format} files", hint="--url-list or --input-format"
+                f"{where} {url_list} hold no {input_format} files"
+                if glob
+                else f"folder {url_list} holds no {input_format} files",
+                hint="--url-list or --input-format",
             )
     else:
         files = [url_list]
@@ -113,7 +142,7 @@ def wanted_columns(cfg: DownloadConfig) -> list[str]:
     cols = [cfg.url_col]
     if cfg.caption_col:
         cols.append(cfg.caption_col)
-    cols += [c for c in cfg.save_additional_columns if c not in cols]
+    cols += [c for c in cfg.carried_columns if c not in cols]
     if cfg.verify_hash and cfg.verify_hash[0] not in cols:
         cols.append(cfg.verify_hash[0])
     return cols
@@ -123,16 +152,9 @@ def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> DownloadConfig:
     """Fail before any work if the first file is unreadable or lacks a requested column. Returns `cfg`
     with the caption column resolved: without --caption-col, a list's `caption` column is the caption
     (a list with captions is what this tool is for); a list without one is downloaded without captions."""
-    try:
-        names = _column_names(path, fmt)
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(
-            f"cannot read URL list {path} as {fmt}: {type(e).__name__}: {e}", hint="--input-format"
-        ) from e
+    names = _names_or_fail(path, fmt)
     if names is None:  # txt, or an empty json file: one url column
-        if cfg.caption_col or cfg.save_additional_columns:
+        if cfg.caption_col or cfg.carried_columns:
             raise InputError(
                 f"{path} is a plain URL list with no columns", hint="--input-format csv|jsonl|parquet"
             )
@@ -140,7 +162,26 @@ def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> DownloadConfig:
     if not cfg.caption_col and DEFAULT_CAPTION_COL in names and DEFAULT_CAPTION_COL != cfg.url_col:
         logger.info("captions from the %r column (--caption-col to choose another)", DEFAULT_CAPTION_COL)
         cfg = dataclasses.replace(cfg, caption_col=DEFAULT_CAPTION_COL)
+    require_columns(path, names, cfg)
+    return cfg
+
+
+def _names_or_fail(path: str, fmt: str) -> list[str] | None:
+    try:
+        return _column_names(path, fmt)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"cannot read URL list {path} as {fmt}: {type(e).__name__}: {e}", hint="--input-format"
+        ) from e
+
+
+def require_columns(path: str, names: list[str], cfg: DownloadConfig) -> None:
+    """InputError naming the first requested column that `names` (the file's columns) lacks."""
     hints = {cfg.url_col: "--url-col", cfg.caption_col: "--caption-col"}
+    if cfg.bbox_col:
+        hints.setdefault(cfg.bbox_col, "--bbox-col")
     if cfg.verify_hash:
         hints.setdefault(cfg.verify_hash[0], "--verify-hash")
     for c in wanted_columns(cfg):
@@ -149,7 +190,6 @@ def check_columns(path: str, fmt: str, cfg: DownloadConfig) -> DownloadConfig:
                 f"column {c!r} not found in {path} (columns: {', '.join(names[:20])})",
                 hint=hints.get(c, "--save-additional-columns"),
             )
-    return cfg
 
 
 def _column_names(path: str, fmt: str) -> list[str] | None:
@@ -340,17 +380,43 @@ def _to_str(col: pa.ChunkedArray) -> pa.ChunkedArray:
 # ---------------------------------------------------------------- planning and worker-side reading
 
 
-def plan_shards(
-    cfg: DownloadConfig, files: list[str], fmt: str, done: set[int]
-) -> tuple[list[Shard], int, int]:
-    """Cut the input into shards. Returns (shards still to do, number of shards, number of rows)."""
-    n = cfg.number_sample_per_shard
+Footers = list[tuple[int, list[str]]]
+
+
+def check_files(files: list[str], fmt: str, cfg: DownloadConfig) -> Footers | None:
+    """Check that every input file has the requested columns (a folder whose 40th file lacks the bbox
+    column fails here, before the output folder is touched). Parquet: from the footers, which are
+    returned for planning; other formats: from each file's header or first record."""
     if fmt == "parquet":
-        return _plan_parquet(cfg, files, done)
+        footers = read_footers(files, cfg)
+        for path, (_, names) in zip(files, footers, strict=True):
+            require_columns(path, names, cfg)
+        return footers
+    if fmt != "txt":
+        for path in files[1:]:  # the first one was checked by check_columns()
+            names = _names_or_fail(path, fmt)
+            if names is not None:
+                require_columns(path, names, cfg)
+    return None
+
+
+def plan_shards(
+    cfg: DownloadConfig,
+    files: list[str],
+    fmt: str,
+    done: set[int],
+    first: int = 0,
+    footers: Footers | None = None,
+) -> tuple[list[Shard], int, int]:
+    """Cut the input into shards numbered from `first`. Returns (shards still to do, number of shards,
+    number of rows). `footers`: those check_files() read, if any."""
+    if fmt == "parquet":
+        return _plan_parquet(cfg, files, done, first, footers)
+    n = cfg.number_sample_per_shard
     todo: list[Shard] = []
     pending: list[pa.Table] = []
     pending_rows = 0
-    shard_id = 0
+    shard_id = first
     total = 0
 
     storage.makedirs(storage.join(cfg.output_folder, INPUTS_DIR))
@@ -359,10 +425,10 @@ def plan_shards(
         nonlocal shard_id
         if shard_id not in done:
             table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-            path = storage.join(cfg.output_folder, INPUTS_DIR, f"{shard_id:05d}.parquet")
+            path = storage.join(cfg.output_folder, INPUTS_DIR, f"{cfg.shard_name(shard_id)}.parquet")
             with storage.atomic_open(path, "wb") as f:
                 pq.write_table(table, f, compression="zstd")
-            todo.append(Shard(shard_id, (Segment(path, 0, count),), count, cfg.output_folder))
+            todo.append(_shard(cfg, shard_id, (Segment(path, 0, count),), count))
         shard_id += 1
 
     for path in files:
@@ -379,19 +445,51 @@ def plan_shards(
                     pending, pending_rows = [], 0
     if pending_rows:
         emit(pending, pending_rows)
-    return todo, shard_id, total
+    return todo, shard_id - first, total
 
 
-def _plan_parquet(cfg: DownloadConfig, files: list[str], done: set[int]) -> tuple[list[Shard], int, int]:
+def _shard(cfg: DownloadConfig, shard_id: int, segs: tuple[Segment, ...], count: int) -> Shard:
+    return Shard(shard_id, segs, count, cfg.output_folder, digits=cfg.oom_shard_count)
+
+
+def _footer(path: str) -> tuple[int, list[str]]:
+    with _open_bin(path) as f:
+        pf = pq.ParquetFile(f)
+        return pf.metadata.num_rows, pf.schema_arrow.names
+
+
+#: parquet footers read at once while planning (remote lists: one round trip or two each)
+_FOOTER_THREADS = 16
+
+
+def read_footers(files: list[str], cfg: DownloadConfig) -> Footers:
+    """(rows, column names) of each parquet file, read a few at a time (remote lists: a round trip or
+    two each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        with ThreadPoolExecutor(min(_FOOTER_THREADS, len(files))) as pool:
+            return list(pool.map(_footer, files))
+    except Exception as e:
+        raise InputError(
+            f"cannot read a parquet footer of {cfg.url_list}: {type(e).__name__}: {e}", hint="--url-list"
+        ) from e
+
+
+def _plan_parquet(
+    cfg: DownloadConfig, files: list[str], done: set[int], first: int = 0, footers: Footers | None = None
+) -> tuple[list[Shard], int, int]:
+    """Shards from the footers alone: a 12.8M-row list in 1,000 files costs 1,000 footer reads and a
+    list of segments, never the rows."""
+    if footers is None:
+        footers = read_footers(files, cfg)
     n = cfg.number_sample_per_shard
     todo: list[Shard] = []
     segs: list[Segment] = []
     seg_rows = 0
-    shard_id = 0
+    shard_id = first
     total = 0
-    for path in files:
-        with _open_bin(path) as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+    for path, (rows, _) in zip(files, footers, strict=True):
         total += rows
         start = 0
         while start < rows:
@@ -401,14 +499,14 @@ def _plan_parquet(cfg: DownloadConfig, files: list[str], done: set[int]) -> tupl
             start += take
             if seg_rows == n:
                 if shard_id not in done:
-                    todo.append(Shard(shard_id, tuple(segs), seg_rows, cfg.output_folder))
+                    todo.append(_shard(cfg, shard_id, tuple(segs), seg_rows))
                 shard_id += 1
                 segs, seg_rows = [], 0
     if seg_rows:
         if shard_id not in done:
-            todo.append(Shard(shard_id, tuple(segs), seg_rows, cfg.output_folder))
+            todo.append(_shard(cfg, shard_id, tuple(segs), seg_rows))
         shard_id += 1
-    return todo, shard_id, total
+    return todo, shard_id - first, total
 
 
 def read_shard(shard: Shard, cfg: DownloadConfig) -> pa.Table:

@@ -14,8 +14,10 @@ import logging
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import ExifTags, Image, ImageChops, ImageFile, ImageOps
 
+from clipsearch.download import blur
 from clipsearch.download.config import DownloadConfig
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ _WHITE = (255, 255, 255)
 
 class ImageError(Exception):
     """The image is unusable; the message is the sample's error_message."""
+
+
+class BlurFailed(ImageError):
+    """The boxes could not be blurred; the sample is not stored (status failed_to_blur)."""
 
 
 @dataclass
@@ -63,8 +69,13 @@ def target_size(w: int, h: int, cfg: DownloadConfig) -> tuple[int, int] | None:
     return None if (tw, th) == (w, h) else (tw, th)
 
 
-def process(data: bytes, cfg: DownloadConfig) -> Processed:
-    """Turn downloaded bytes into the stored image, or raise ImageError with the reason."""
+def process(data: bytes, cfg: DownloadConfig, boxes: tuple[blur.Box, ...] = ()) -> Processed:
+    """Turn downloaded bytes into the stored image, or raise ImageError with the reason.
+
+    `boxes` (relative [x0, y0, x1, y1] on the stored pixel grid of the original) are blurred after the
+    resize and before padding or cropping, as img2dataset does. An image with boxes is always decoded
+    and re-encoded, whatever --skip-reencode or --disable-all-reencoding say: its original bytes show
+    the faces."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -86,21 +97,25 @@ def process(data: bytes, cfg: DownloadConfig) -> Processed:
 
     src_fmt = (img.format or "").upper()
     size = target_size(ow, oh, cfg)
-    if cfg.disable_all_reencoding or (
+    keep_bytes = cfg.disable_all_reencoding or (
         cfg.skip_reencode
         and size is None
         and cfg.resize_mode != "border"
         and src_fmt == _PIL_FORMAT[cfg.encode_format]
-    ):
+    )
+    if keep_bytes and not boxes:
         if cfg.skip_reencode and not cfg.disable_all_reencoding:
             _verify(img)
         return Processed(data, ow, oh, ow, oh, exif)
+    if cfg.disable_all_reencoding:  # a sample with boxes: blurred and encoded, at its own size
+        size = None
 
     try:
         if size is not None and src_fmt == "JPEG" and size[0] < ow:
             img.draft("RGB", size)  # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 scale
         img.load()
-        img, swapped = _oriented(img)
+        img, orientation = _oriented(img)
+        swapped = orientation >= 5
         img, alpha = _to_rgb_or_premultiplied(img)
         if size is not None and swapped:
             size = (size[1], size[0])
@@ -110,7 +125,10 @@ def process(data: bytes, cfg: DownloadConfig) -> Processed:
             img = img.resize(size, filt, reducing_gap=3.0 if down else None)
         if alpha:
             img = _flatten_on_white(img)
-        img = _finish(img, cfg)
+        if boxes:
+            img = _blur(img, blur.orient_boxes(boxes, orientation), cfg)
+        if not cfg.disable_all_reencoding:
+            img = _finish(img, cfg)
         buf = io.BytesIO()
         fmt = _PIL_FORMAT[cfg.encode_format]
         if fmt == "PNG":
@@ -129,6 +147,16 @@ def process(data: bytes, cfg: DownloadConfig) -> Processed:
     return Processed(buf.getvalue(), img.width, img.height, ow, oh, exif)
 
 
+def _blur(img: Image.Image, boxes: tuple[blur.Box, ...], cfg: DownloadConfig) -> Image.Image:
+    try:
+        arr = blur.blur_array(np.asarray(img), boxes, cfg.blur_strength)
+    except MemoryError as e:
+        raise BlurFailed(f"blur failed: out of memory for a {img.width}x{img.height} image") from e
+    except Exception as e:  # never store the sample unblurred
+        raise BlurFailed(f"blur failed: {type(e).__name__}: {e}") from e
+    return Image.fromarray(arr)
+
+
 def _verify(img: Image.Image) -> None:
     try:
         img.verify()
@@ -136,17 +164,17 @@ def _verify(img: Image.Image) -> None:
         raise ImageError("corrupt image") from e
 
 
-def _oriented(img: Image.Image) -> tuple[Image.Image, bool]:
-    """Apply the EXIF orientation; also say whether width and height were swapped."""
+def _oriented(img: Image.Image) -> tuple[Image.Image, int]:
+    """Apply the EXIF orientation; also say which it was (1: none; 5-8 swap width and height)."""
     if "exif" not in img.info:
-        return img, False
+        return img, 1
     try:
         orientation = img.getexif().get(0x0112, 1)
         if orientation in (2, 3, 4, 5, 6, 7, 8):
-            return ImageOps.exif_transpose(img), orientation >= 5
+            return ImageOps.exif_transpose(img), orientation
     except Exception:
         logger.debug("bad EXIF orientation ignored")
-    return img, False
+    return img, 1
 
 
 def _to_rgb_or_premultiplied(img: Image.Image) -> tuple[Image.Image, bool]:

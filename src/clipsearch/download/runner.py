@@ -25,26 +25,26 @@ import pyarrow.parquet as pq
 
 from clipsearch import storage
 from clipsearch.distribute import UnitResult, distribute
-from clipsearch.download import reader, resize, stats, writers
+from clipsearch.download import blur, reader, resize, stats, writers
 from clipsearch.download.config import DownloadConfig
-from clipsearch.download.fetch import Fetcher
+from clipsearch.download.fetch import Fetched, Fetcher
 from clipsearch.errors import ConfigError, OutputExistsError, UnitFailedError
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".clipsearch-download.json"
 MARKER_FORMAT = "clipsearch.images"
-_SHARD_FILE = re.compile(r"^\d{5,}(\.tar|\.parquet|\.stats\.json|\.tfrecord)?$")
-_OURS = re.compile(r"^(\d{5,}(\.tar|\.parquet|\.stats\.json|\.tfrecord)?|run_stats\.json|_inputs|\..*\.tmp)$")
+_SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|\.stats\.json|\.tfrecord)?$")
+_OURS = re.compile(r"^(\d+(\.tar|\.parquet|\.stats\.json|\.tfrecord)?|run_stats\.json|_inputs|\..*\.tmp)$")
 _PROGRESS_EVERY_S = 0.5
 
 
 # ---------------------------------------------------------------- the unit of work
 
 
-def shard_key(shard_id: int, row: int, per_shard: int) -> str:
+def shard_key(shard_id: int, row: int, per_shard: int, shard_digits: int = 5) -> str:
     digits = max(4, len(str(per_shard - 1)))
-    return f"{shard_id:05d}{row:0{digits}d}"
+    return f"{shard_id:0{shard_digits}d}{row:0{digits}d}"
 
 
 def url_hash(url: str | None) -> str | None:
@@ -74,7 +74,10 @@ def run_shard(shard: reader.Shard, cfg: DownloadConfig, progress: Any = None, se
     extras = _extras_schema(old if old is not None else table, cfg)
     tally = stats.ShardTally()
     seen = {} if seen is None else seen
-    with writers.open_writer(cfg, shard.shard_id, extras) as w:
+    with (
+        writers.open_writer(cfg, shard.shard_id, extras) as w,
+        blur.single_threaded_blas(cfg.bbox_col is not None),
+    ):
         if old is not None:
             _carry_over(w, old, {r["key"] for r in rows}, cfg, tally)
         asyncio.run(_download(rows, w, cfg, tally, progress, seen))
@@ -96,7 +99,7 @@ def _rows_from_table(table: pa.Table, shard_id: int, cfg: DownloadConfig) -> lis
     rows = []
     for i, u in enumerate(urls):
         row = {
-            "key": shard_key(shard_id, i, cfg.number_sample_per_shard),
+            "key": shard_key(shard_id, i, cfg.number_sample_per_shard, cfg.oom_shard_count),
             "url": u,
             "caption": caps[i] if caps is not None else None,
         }
@@ -106,7 +109,7 @@ def _rows_from_table(table: pa.Table, shard_id: int, cfg: DownloadConfig) -> lis
 
 
 def _extras_schema(table: pa.Table, cfg: DownloadConfig) -> pa.Schema:
-    return pa.schema([table.schema.field(c) for c in cfg.save_additional_columns if c in table.column_names])
+    return pa.schema([table.schema.field(c) for c in cfg.carried_columns if c in table.column_names])
 
 
 async def _download(
@@ -150,12 +153,17 @@ async def _download(
                     while backlog[0] >= max_backlog:
                         room.clear()
                         await room.wait()
-                    f = await fetcher.fetch(row["url"])
+                    try:  # malformed boxes: the sample can never be stored blurred, so not even fetched
+                        boxes = blur.parse_boxes(row.get(cfg.bbox_col)) if cfg.bbox_col else ()
+                    except blur.BoxError as e:
+                        f, boxes = Fetched("failed_to_blur", error=str(e)), ()
+                    else:
+                        f = await fetcher.fetch(row["url"])
                     if f.status == "ok":
                         backlog[0] += 1
                         try:
                             sample = await loop.run_in_executor(
-                                pool, _make_sample, row, f.data, cfg, seen, lock
+                                pool, _make_sample, row, f.data, cfg, seen, lock, boxes
                             )
                         finally:
                             backlog[0] -= 1
@@ -196,15 +204,20 @@ def _sample(
         meta["exif"] = fields.get("exif")
     if cfg.compute_hash in ("md5", "sha512"):
         meta[cfg.compute_hash] = fields.get(cfg.compute_hash)
-    for c in cfg.save_additional_columns:
+    for c in cfg.carried_columns:
         meta[c] = row.get(c)
     return writers.Sample(row["key"], meta, fields.get("image"))
 
 
 def _make_sample(
-    row: dict[str, Any], data: bytes, cfg: DownloadConfig, seen: Any, lock: threading.Lock
+    row: dict[str, Any],
+    data: bytes,
+    cfg: DownloadConfig,
+    seen: Any,
+    lock: threading.Lock,
+    boxes: tuple[blur.Box, ...] = (),
 ) -> writers.Sample:
-    """Runs in the decode thread pool: dedup check, decode/resize/encode, hashes."""
+    """Runs in the decode thread pool: dedup check, decode/resize/blur/encode, hashes."""
     if cfg.verify_hash is not None:
         col, algo = cfg.verify_hash
         want = row.get(col)
@@ -217,7 +230,9 @@ def _make_sample(
         if first != row["key"]:
             return _sample(row, cfg, "duplicate", f"same content as {first}")
     try:
-        p = resize.process(data, cfg)
+        p = resize.process(data, cfg, boxes)
+    except resize.BlurFailed as e:
+        return _sample(row, cfg, "failed_to_blur", str(e))
     except resize.ImageError as e:
         return _sample(row, cfg, "failed_to_resize", str(e))
     fields: dict[str, Any] = {
@@ -275,8 +290,9 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def prepare_output(cfg: DownloadConfig) -> bool:
-    """Check the output folder before any work. Returns True when resuming a previous run."""
+def prepare_output(cfg: DownloadConfig) -> tuple[bool, dict[str, Any]]:
+    """Check the output folder before any work. Returns (True when resuming a previous run, the
+    folder's marker)."""
     out = cfg.output_folder
     try:
         state = storage.folder_state(out)
@@ -313,8 +329,9 @@ def prepare_output(cfg: DownloadConfig) -> bool:
                 for field, hint in (
                     ("output_format", "--output-format"),
                     ("number_sample_per_shard", "--number-sample-per-shard"),
+                    ("oom_shard_count", "--oom-shard-count"),
                 ):
-                    if prev.get(field) != getattr(cfg, field):
+                    if prev.get(field, 5 if field == "oom_shard_count" else None) != getattr(cfg, field):
                         raise ConfigError(
                             f"{out} holds a previous run with {field}={prev.get(field)!r}; resume with the same "
                             f"value or start over with --incremental-mode overwrite",
@@ -324,12 +341,14 @@ def prepare_output(cfg: DownloadConfig) -> bool:
                 if _basename(n).startswith(".") and n.endswith(".tmp"):
                     fs.rm(n, recursive=True)
             if prev is not None:
-                return True
-            storage.write_json_atomic(marker, _marker(cfg))
-            return True
+                return True, prev
+            prev = _marker(cfg)
+            storage.write_json_atomic(marker, prev)
+            return True, prev
     storage.makedirs(out)
-    storage.write_json_atomic(marker, _marker(cfg))
-    return False
+    prev = _marker(cfg)
+    storage.write_json_atomic(marker, prev)
+    return False, prev
 
 
 def _marker(cfg: DownloadConfig) -> dict[str, Any]:
@@ -338,9 +357,71 @@ def _marker(cfg: DownloadConfig) -> dict[str, Any]:
         "version": 1,
         "output_format": cfg.output_format,
         "number_sample_per_shard": cfg.number_sample_per_shard,
+        "oom_shard_count": cfg.oom_shard_count,
         "url_list": cfg.url_list,
         "encode_format": cfg.encode_format,
+        "runs": [],
     }
+
+
+def shard_ids_present(out: str) -> set[int]:
+    """Every shard number with a file (or a `files` folder) in the output, finished or not."""
+    fs, p = storage.get_fs(out)
+    return {
+        int(_basename(n).split(".")[0]) for n in fs.ls(p, detail=False) if _SHARD_FILE.match(_basename(n))
+    }
+
+
+def _first_shard(
+    cfg: DownloadConfig, marker: dict[str, Any], resuming: bool
+) -> tuple[int, dict[str, Any] | None]:
+    """Where this run's shard numbers start, and the marker entry of an --incremental-mode extend run.
+
+    extend appends the list as new shards after every shard the folder has or was planned to have (as
+    img2dataset does). Its entry is recorded before the first download and marked complete at the end,
+    so the same extend command after a kill resumes that extension instead of appending a second copy."""
+    if cfg.incremental_mode != "extend":
+        return 0, None
+    runs = marker.setdefault("runs", [])
+    last = runs[-1] if runs else None
+    if (
+        last
+        and last.get("mode") == "extend"
+        and not last.get("complete")
+        and last.get("url_list") == cfg.url_list
+    ):
+        logger.info("resuming the unfinished extension from shard %d", last["first_shard"])
+        return int(last["first_shard"]), last
+    ends = [int(r["first_shard"]) + int(r["shards"]) for r in runs]
+    present = shard_ids_present(cfg.output_folder) if resuming else set()
+    first = max([*ends, max(present, default=-1) + 1, 0])
+    entry = {
+        "mode": "extend",
+        "url_list": cfg.url_list,
+        "first_shard": first,
+        "shards": None,
+        "complete": False,
+    }
+    runs.append(entry)
+    return first, entry
+
+
+def _record_run(
+    cfg: DownloadConfig, marker: dict[str, Any], entry: dict[str, Any] | None, n_shards: int
+) -> None:
+    """Note this run's shard range in the marker (so a later extend starts after it)."""
+    runs = marker.setdefault("runs", [])
+    if entry is None:
+        if any(r.get("mode") == "incremental" for r in runs):
+            return
+        runs.insert(
+            0, {"mode": "incremental", "url_list": cfg.url_list, "first_shard": 0, "shards": n_shards}
+        )
+    elif entry.get("shards") == n_shards:
+        return
+    else:
+        entry["shards"] = n_shards
+    storage.write_json_atomic(storage.join(cfg.output_folder, MARKER), marker)
 
 
 def done_shards(out: str) -> set[int]:
@@ -357,11 +438,12 @@ def config_dict(cfg: DownloadConfig) -> dict[str, Any]:
     return d
 
 
-def validate(cfg: DownloadConfig) -> tuple[list[str], str, DownloadConfig]:
+def validate(cfg: DownloadConfig) -> tuple[list[str], str, DownloadConfig, reader.Footers | None]:
     """All the checks that must pass before any work starts. Returns (input files, input format, the
-    config with defaults that depend on the input resolved)."""
+    config with defaults that depend on the input resolved, the parquet footers if any)."""
     files, fmt = reader.list_input_files(cfg.url_list, cfg.input_format)
     cfg = reader.check_columns(files[0], fmt, cfg)
+    footers = reader.check_files(files, fmt, cfg)
     if cfg.enable_wandb:
         try:
             import wandb  # noqa: F401
@@ -370,22 +452,28 @@ def validate(cfg: DownloadConfig) -> tuple[list[str], str, DownloadConfig]:
                 "--enable-wandb needs Weights & Biases: pip install 'clipsearch[wandb]'",
                 hint="--enable-wandb",
             ) from e
-    return files, fmt, cfg
+    return files, fmt, cfg, footers
 
 
 def download(cfg: DownloadConfig) -> dict[str, Any]:
     """Download `cfg.url_list` into shards in `cfg.output_folder`; returns the run stats (also saved as
     `run_stats.json`). Raises a ClipsearchError before any work on bad input, options or output folder."""
-    files, fmt, cfg = validate(cfg)
-    resuming = prepare_output(cfg)
+    files, fmt, cfg, footers = validate(cfg)
+    resuming, marker = prepare_output(cfg)
     done = done_shards(cfg.output_folder) if resuming else set()
-    if done:
+    first, extension = _first_shard(cfg, marker, resuming)
+    if done and extension is None:
         logger.info("resuming: %d shards already complete", len(done))
     t_plan = time.perf_counter()
-    todo, n_shards, n_rows = reader.plan_shards(cfg, files, fmt, done)
+    todo, n_shards, n_rows = reader.plan_shards(cfg, files, fmt, done, first=first, footers=footers)
+    _record_run(cfg, marker, extension, n_shards)
     if cfg.retry_failed:
         todo = sorted(
-            todo + [reader.Shard(i, (), 0, cfg.output_folder, retry=True) for i in sorted(done)],
+            todo
+            + [
+                reader.Shard(i, (), 0, cfg.output_folder, retry=True, digits=cfg.oom_shard_count)
+                for i in sorted(done)
+            ],
             key=lambda s: s.shard_id,
         )
     logger.info(
@@ -427,8 +515,12 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
 
     fn = functools.partial(run_shard, cfg=cfg, progress=q, seen=seen)
     t0 = time.perf_counter()
+    # under Spark, --subjob-size submits the shards in several jobs (img2dataset's subjob_size)
+    step = cfg.subjob_size if cfg.distributor.distributor == "spark" and cfg.subjob_size else len(todo) or 1
     try:
-        results = distribute(fn, todo, cfg.distributor, progress=on_unit)
+        results = []
+        for i in range(0, len(todo), step):
+            results += distribute(fn, todo[i : i + step], cfg.distributor, progress=on_unit)
     finally:
         progress.close()
         if manager is not None:
@@ -448,7 +540,9 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
         "format": "clipsearch.download_run",
         "this_run": this_run,
         "total": stats.merge(all_stats),
-        "skipped_shards": len(done) if not cfg.retry_failed else sum(r.skipped for r in results),
+        "skipped_shards": sum(first <= d < first + n_shards for d in done)
+        if not cfg.retry_failed
+        else sum(r.skipped for r in results),
         "failed_shards": [{"shard": r.unit, "error": r.error} for r in failed],
         "input": {"files": len(files), "format": fmt, "rows": n_rows, "shards": n_shards},
         "config": config_dict(cfg),
@@ -459,6 +553,9 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
         wandb_run.finish()
     for line in stats.summary_lines(run):
         logger.info("%s", line)
+    if extension is not None and not failed:
+        extension["complete"] = True
+        storage.write_json_atomic(storage.join(cfg.output_folder, MARKER), marker)
     if failed:
         raise UnitFailedError(
             f"{len(failed)} of {len(todo)} shards failed (first: {failed[0].unit}: {failed[0].error}); "

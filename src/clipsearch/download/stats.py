@@ -14,7 +14,7 @@ from clipsearch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("success", "failed_to_download", "failed_to_resize", "opted_out", "duplicate")
+STATUSES = ("success", "failed_to_download", "failed_to_resize", "failed_to_blur", "opted_out", "duplicate")
 TOP_ERRORS = 20
 
 

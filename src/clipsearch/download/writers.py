@@ -13,7 +13,8 @@ import logging
 import os
 import struct
 import tarfile
-import time
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +25,9 @@ from clipsearch import storage
 from clipsearch.download.config import DownloadConfig
 
 logger = logging.getLogger(__name__)
+
+#: tar member time: fixed, so that a shard's bytes depend on its content only
+TAR_MTIME = 0
 
 
 @dataclass
@@ -96,16 +100,48 @@ class ShardWriter(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class _Spool:
+    """Payloads by key in a local temporary file, so that a shard is written in key order whatever order
+    its downloads complete in (the same bytes on every run, and after a resume) without holding the
+    images in memory."""
+
+    def __init__(self) -> None:
+        self._f = tempfile.TemporaryFile(prefix="clipsearch-shard-")
+        self._at: dict[str, tuple[int, int]] = {}
+        self._end = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        self._f.seek(self._end)
+        self._f.write(data)
+        self._at[key] = (self._end, len(data))
+        self._end += len(data)
+
+    def get(self, key: str) -> bytes | None:
+        at = self._at.get(key)
+        if at is None:
+            return None
+        self._f.seek(at[0])
+        return self._f.read(at[1])
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class _Base:
-    """Buffers metadata rows (small) and writes `{shard}.parquet` sorted by key on close."""
+    """Buffers metadata rows (small) and the stored payloads (in a spool file), and writes the shard's
+    files in key order on close: `{shard}.parquet` last."""
+
+    #: whether the format stores payloads (the dummy output stores none)
+    _spooled = True
 
     def __init__(self, folder: str, shard_id: int, cfg: DownloadConfig, extras: pa.Schema | None):
         self.folder, self.shard_id, self.cfg = folder, shard_id, cfg
-        self.name = f"{shard_id:05d}"
+        self.name = cfg.shard_name(shard_id)
         self.schema = meta_schema(cfg, extras)
         self.ext = cfg.encode_format
         self.rows: list[dict[str, Any]] = []
         self._files: list[_AtomicFile] = []
+        self._spool = _Spool() if self._spooled else None
 
     def _open(self, name: str) -> _AtomicFile:
         f = _AtomicFile(storage.join(self.folder, name))
@@ -114,11 +150,12 @@ class _Base:
 
     def write(self, sample: Sample) -> None:
         self.rows.append(sample.meta)
-        if sample.image is not None:
-            self._write_image(sample)
+        if sample.image is not None and self._spool is not None:
+            self._spool.put(sample.key, self._payload(sample))
 
-    def _write_image(self, sample: Sample) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _payload(self, sample: Sample) -> bytes:
+        """What the spool keeps for a stored sample (the image bytes unless a format says otherwise)."""
+        return sample.image or b""
 
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
         """--retry-failed: keep these metadata rows of the previous version of this shard, and its stored
@@ -128,21 +165,32 @@ class _Base:
     def _previous(self, suffix: str) -> tuple[Any, str]:
         return storage.get_fs(storage.join(self.folder, f"{self.name}{suffix}"))
 
+    def _stored(self) -> Iterator[tuple[dict[str, Any], bytes]]:
+        """(metadata row, payload) of every stored sample, in key order."""
+        assert self._spool is not None
+        for r in self.rows:
+            data = self._spool.get(r["key"])
+            if data is not None:
+                yield r, data
+
     def _finish(self) -> None:
-        """Flush format-specific files (before the metadata parquet is written)."""
+        """Write the format-specific files (before the metadata parquet is written)."""
 
     def close(self) -> None:
+        self.rows.sort(key=lambda r: r["key"])
         try:
             self._finish()
             self._write_meta()
         except BaseException:
             self.abort()
             raise
+        finally:
+            if self._spool is not None:
+                self._spool.close()
         for f in self._files:
             f.commit()
 
     def _write_meta(self) -> None:
-        self.rows.sort(key=lambda r: r["key"])
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
         f = self._open(f"{self.name}.parquet")
         pq.write_table(table, f.f, compression="zstd")
@@ -150,6 +198,8 @@ class _Base:
     def abort(self) -> None:
         for f in self._files:
             f.abort()
+        if self._spool is not None:
+            self._spool.close()
 
     def __enter__(self) -> _Base:
         return self
@@ -166,56 +216,54 @@ def _json_meta(meta: dict[str, Any]) -> bytes:
 
 
 class WebDatasetWriter(_Base):
-    """`{shard}.tar` with `{key}.{ext}`, `{key}.txt`, `{key}.json` per successful sample."""
+    """`{shard}.tar` with `{key}.{ext}`, `{key}.txt`, `{key}.json` per successful sample, in key order.
+    Member times are fixed, so the same shard gives the same bytes."""
 
-    def __init__(self, *a: Any, **kw: Any):
-        super().__init__(*a, **kw)
-        self._tarfile = self._open(f"{self.name}.tar")
-        self._tar = tarfile.open(fileobj=self._tarfile.f, mode="w", format=tarfile.USTAR_FORMAT)
-        self._mtime = int(time.time())
-
-    def _add(self, name: str, data: bytes) -> None:
+    def _add(self, tar: tarfile.TarFile, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size = len(data)
-        info.mtime = self._mtime
+        info.mtime = TAR_MTIME
         info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-
-    def _write_image(self, sample: Sample) -> None:
-        self._add(f"{sample.key}.{self.ext}", sample.image or b"")
-        self._add(f"{sample.key}.txt", (sample.meta.get("caption") or "").encode())
-        self._add(f"{sample.key}.json", _json_meta(sample.meta))
+        tar.addfile(info, io.BytesIO(data))
 
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
         super().carry_over(rows, redo)
+        assert self._spool is not None
         fs, p = self._previous(".tar")
+        suffix = f".{self.ext}"
         with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as old:
             for m in old:
-                if m.isfile() and m.name.split(".", 1)[0] not in redo:
-                    self._tar.addfile(m, old.extractfile(m))
+                key = m.name.split(".", 1)[0]
+                if m.isfile() and m.name.endswith(suffix) and key not in redo:
+                    data = old.extractfile(m)
+                    self._spool.put(key, data.read() if data else b"")
 
     def _finish(self) -> None:
-        self._tar.close()
-
-    def abort(self) -> None:
-        try:
-            self._tar.close()
-        except Exception:
-            logger.debug("tar close failed on abort")
-        super().abort()
+        f = self._open(f"{self.name}.tar")
+        with tarfile.open(fileobj=f.f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for meta, image in self._stored():
+                key = meta["key"]
+                self._add(tar, f"{key}.{self.ext}", image)
+                self._add(tar, f"{key}.txt", (meta.get("caption") or "").encode())
+                self._add(tar, f"{key}.json", _json_meta(meta))
 
 
 class FilesWriter(_Base):
-    """`{shard}/{key}.{ext,txt,json}`; each file committed as it is written."""
+    """`{shard}/{key}.{ext,txt,json}`; each file committed as it is written (order does not matter)."""
+
+    _spooled = False
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self._written: list[str] = []
         storage.makedirs(storage.join(self.folder, self.name))
 
-    def _write_image(self, sample: Sample) -> None:
+    def write(self, sample: Sample) -> None:
+        super().write(sample)
+        if sample.image is None:
+            return
         for name, data in (
-            (f"{sample.key}.{self.ext}", sample.image or b""),
+            (f"{sample.key}.{self.ext}", sample.image),
             (f"{sample.key}.txt", (sample.meta.get("caption") or "").encode()),
             (f"{sample.key}.json", _json_meta(sample.meta)),
         ):
@@ -234,72 +282,67 @@ class FilesWriter(_Base):
 
 
 class ParquetWriter(_Base):
-    """`{shard}.parquet` with the metadata columns and the image bytes in a `{ext}` binary column.
-
-    Rows are streamed in row groups in completion order (the images are not held in memory).
-    """
+    """`{shard}.parquet` with the metadata columns and the image bytes in a `{ext}` binary column, rows in
+    key order, written in row groups from the spool (the images are never all in memory)."""
 
     _GROUP = 256
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self.schema = self.schema.append(pa.field(self.ext, pa.binary()))
-        self._pf = self._open(f"{self.name}.parquet")
-        self._pw = pq.ParquetWriter(self._pf.f, self.schema, compression="zstd")
-
-    def write(self, sample: Sample) -> None:
-        row = dict(sample.meta)
-        row[self.ext] = sample.image
-        self.rows.append(row)
-        if len(self.rows) >= self._GROUP:
-            self._flush()
 
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
+        assert self._spool is not None
         for r in rows:
             image = r.pop(self.ext, None)
-            self.write(Sample(r["key"], r, image))
-
-    def _flush(self) -> None:
-        if self.rows:
-            self._pw.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
+            self.rows.append(r)
+            if image is not None:
+                self._spool.put(r["key"], image)
 
     def _write_meta(self) -> None:
-        self._flush()
-        self._pw.close()
-
-    def abort(self) -> None:
-        try:
-            self._pw.close()
-        except Exception:
-            logger.debug("parquet close failed on abort")
-        super().abort()
+        assert self._spool is not None
+        f = self._open(f"{self.name}.parquet")
+        with pq.ParquetWriter(f.f, self.schema, compression="zstd") as pw:
+            for i in range(0, max(len(self.rows), 1), self._GROUP):
+                group = [{**r, self.ext: self._spool.get(r["key"])} for r in self.rows[i : i + self._GROUP]]
+                pw.write_table(pa.Table.from_pylist(group, schema=self.schema))
 
 
 class TFRecordWriter(_Base):
-    """`{shard}.tfrecord` of tf.train.Example records, encoded here without TensorFlow.
+    """`{shard}.tfrecord` of tf.train.Example records in key order, encoded here without TensorFlow.
 
     Features: `key`, `{ext}` (image bytes), `txt` (caption) and every metadata field
     (strings as bytes_list, integers as int64_list, floats as float_list; nulls left out).
     """
 
-    def __init__(self, *a: Any, **kw: Any):
-        super().__init__(*a, **kw)
-        self._tf = self._open(f"{self.name}.tfrecord")
-
-    def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
-        super().carry_over(rows, redo)
-        fs, p = self._previous(".tfrecord")  # failed rows have no record: copy every one
-        with fs.open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                self._tf.f.write(chunk)
-
-    def _write_image(self, sample: Sample) -> None:
+    def _payload(self, sample: Sample) -> bytes:
         feats: dict[str, Any] = {self.ext: sample.image or b"", "txt": sample.meta.get("caption") or ""}
         for k, v in sample.meta.items():
             if v is not None and k not in feats:
                 feats[k] = v
-        write_tfrecord(self._tf.f, encode_example(feats))
+        return encode_example(feats)
+
+    def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
+        super().carry_over(rows, redo)
+        assert self._spool is not None
+        fs, p = self._previous(".tfrecord")  # failed rows have no record
+        with fs.open(p, "rb") as f:
+            for record in read_tfrecords(f):
+                key = example_key(record)
+                if key is not None and key not in redo:
+                    self._spool.put(key, record)
+
+    def _finish(self) -> None:
+        f = self._open(f"{self.name}.tfrecord")
+        for _, record in self._stored():
+            write_tfrecord(f.f, record)
+
+
+class DummyWriter(_Base):
+    """img2dataset's `dummy` output: no images, only `{shard}.parquet` (and the stats file), to measure
+    the download and decode path alone."""
+
+    _spooled = False
 
 
 WRITERS: dict[str, type[_Base]] = {
@@ -307,6 +350,7 @@ WRITERS: dict[str, type[_Base]] = {
     "parquet": ParquetWriter,
     "files": FilesWriter,
     "tfrecord": TFRecordWriter,
+    "dummy": DummyWriter,
 }
 
 
@@ -402,3 +446,51 @@ def masked_crc(data: bytes) -> int:
 def write_tfrecord(f: Any, record: bytes) -> None:
     length = struct.pack("<Q", len(record))
     f.write(length + struct.pack("<I", masked_crc(length)) + record + struct.pack("<I", masked_crc(record)))
+
+
+def read_tfrecords(f: Any) -> Iterator[bytes]:
+    """The records of a TFRecord file object, CRCs checked."""
+    while head := f.read(12):
+        if len(head) < 12 or struct.unpack("<I", head[8:])[0] != masked_crc(head[:8]):
+            raise ValueError("corrupt TFRecord length")
+        (n,) = struct.unpack("<Q", head[:8])
+        record = f.read(n)
+        crc = f.read(4)
+        if len(record) < n or len(crc) < 4 or struct.unpack("<I", crc)[0] != masked_crc(record):
+            raise ValueError("corrupt TFRecord record")
+        yield record
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    shift = val = 0
+    while True:
+        c = b[i]
+        i += 1
+        val |= (c & 0x7F) << shift
+        shift += 7
+        if not c & 0x80:
+            return val, i
+
+
+def _delimited(b: bytes) -> Iterator[tuple[int, bytes]]:
+    """(field number, payload) of the length-delimited fields of a protobuf message."""
+    i = 0
+    while i < len(b):
+        tag, i = _read_varint(b, i)
+        if tag & 7 != 2:
+            raise ValueError("unexpected protobuf wire type")
+        n, i = _read_varint(b, i)
+        yield tag >> 3, b[i : i + n]
+        i += n
+
+
+def example_key(record: bytes) -> str | None:
+    """The `key` feature of a tf.train.Example written by encode_example."""
+    for _, features in _delimited(record):
+        for _, entry in _delimited(features):
+            kv = dict(_delimited(entry))
+            if kv.get(1) == b"key":
+                for _, lst in _delimited(kv.get(2, b"")):
+                    for _, value in _delimited(lst):
+                        return value.decode()
+    return None

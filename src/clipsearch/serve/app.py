@@ -22,7 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipsearch import __version__
 from clipsearch.errors import ClipsearchError
-from clipsearch.serve.fetch_image import ImageFetchError
 from clipsearch.serve.routers import health, indices, knn, metadata, web
 from clipsearch.serve.schemas import KnnRequest
 from clipsearch.serve.service import NotFound, ServeState
@@ -106,8 +105,9 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 def _error_status(e: ClipsearchError) -> int:
-    if isinstance(e, ImageFetchError):
-        return e.status
+    status = getattr(e, "status", None)  # ImageFetchError, DecodeBusy (503), DecodeTooCostly (413)
+    if isinstance(status, int):
+        return status
     if isinstance(e, NotFound):
         return 404
     if isinstance(e, knn.UnsupportedMediaType):
@@ -140,7 +140,9 @@ def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
 
     @app.exception_handler(ClipsearchError)
     async def _clipsearch_error(request: Request, exc: ClipsearchError) -> JSONResponse:
-        return JSONResponse({"detail": exc.one_line()}, status_code=_error_status(exc))
+        retry = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(retry)} if retry else None
+        return JSONResponse({"detail": exc.one_line()}, status_code=_error_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

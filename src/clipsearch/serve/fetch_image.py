@@ -1,4 +1,4 @@
-"""Safe image fetching for `image_url` queries, and image decoding with size limits.
+"""Safe image fetching for `image_url` queries.
 
 - Only http and https.
 - The host is resolved first; every address must be public (`addresses.is_public`: not private, loopback,
@@ -17,14 +17,11 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import socket
-import warnings
 from collections.abc import Iterable
 
 import httpx
-from PIL import Image
 
 from clipsearch.errors import InputError
 from clipsearch.serve.addresses import is_public, parse_ip
@@ -198,35 +195,3 @@ def _fetch_failure(e: httpx.HTTPError) -> str:
     if isinstance(e, httpx.ReadError | httpx.WriteError | httpx.CloseError):
         return "the connection was cut"
     return "the transfer failed"
-
-
-UNREADABLE = "the image could not be decoded: not an image in a supported format (JPEG, PNG, WebP, GIF, ...) or damaged"
-
-
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode image bytes into an RGB PIL image; InputError when unreadable or too large."""
-    if not data:
-        raise InputError("the image is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise InputError(f"the image is {w}x{h}, over the {max_pixels} pixels limit")
-            img.load()
-            return img.convert("RGB")
-    except InputError:
-        raise
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as e:
-        logger.info("image could not be decoded: %s: %s", type(e).__name__, e)
-        raise InputError(UNREADABLE) from None
-    except Exception as e:  # PIL raises many types on corrupt data
-        logger.info("image could not be decoded: %s: %s", type(e).__name__, e)
-        raise InputError(UNREADABLE) from None

@@ -7,7 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-STEPS = ("encode", "search", "filter", "metadata", "hygiene", "fetch", "decode")
+STEPS = ("encode", "search", "filter", "metadata", "hygiene", "fetch", "queue", "decode")
 
 
 class Metrics:

@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from clipsearch.errors import ConfigError, InputError
 from clipsearch.segments.search import LiveIndex
 from clipsearch.serve.batching import TextBatcher
+from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, resize_hw_of
 from clipsearch.serve.dedup import near_duplicates
-from clipsearch.serve.fetch_image import decode_image, fetch_image_bytes
+from clipsearch.serve.fetch_image import fetch_image_bytes
 from clipsearch.serve.metrics import Metrics
 from clipsearch.serve.safety import SafetyFilter
 from clipsearch.serve.schemas import KnnRequest
@@ -103,6 +104,13 @@ class ServeState:
             encoder, settings.unsafe_prompts, settings.safe_prompts, settings.safety_threshold
         )
         self.model_name = str(getattr(encoder, "name", "unknown"))
+        self.decode_gate = DecodeGate(
+            settings.decode_slots or default_slots(),
+            settings.decode_memory_mb * MB,
+            settings.decode_queue,
+            settings.decode_wait_s,
+        )
+        self._resize_hw = resize_hw_of(encoder)
         self.refresh_gauges()
 
     def refresh_gauges(self) -> None:
@@ -193,13 +201,18 @@ class ServeState:
             raise InputError(
                 f"the image is {len(data)} bytes, over the {self.settings.max_image_bytes} limit"
             )
+        plan = plan_decode(data, self._resize_hw, self.settings.max_image_pixels)  # the header only
         t = time.perf_counter()
-        img = await run_in_threadpool(decode_image, data, self.settings.max_image_pixels)
-        timings["decode"] = time.perf_counter() - t
-        t = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        vec = await loop.run_in_executor(self.batcher._executor, self.encoder.encode_images, [img])
-        timings["encode"] = time.perf_counter() - t
+        # decodes are admitted by count and by their estimated memory (queue, then 503): see decode.py
+        async with self.decode_gate.admit(plan.cost):
+            timings["queue"] = time.perf_counter() - t
+            t = time.perf_counter()
+            img = await run_in_threadpool(decode, plan)
+            timings["decode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            vec = await loop.run_in_executor(self.batcher._executor, self.encoder.encode_images, [img])
+            timings["encode"] = time.perf_counter() - t
         return np.asarray(vec, dtype=np.float32)[0]
 
     async def query_vector(self, q: Query, s: IndexSearcher, timings: dict[str, float]) -> np.ndarray:

@@ -61,6 +61,12 @@ class ServeSettings:
     max_text_chars: int = 2000
     max_filter_chars: int = 2000
     max_ids: int = 10_000
+    # image decoding: at most `decode_slots` at once (0 = one per core) and `decode_memory_mb` of estimated
+    # decode memory at once; up to `decode_queue` requests wait, each at most `decode_wait_s`, then 503
+    decode_slots: int = 0
+    decode_memory_mb: int = 256
+    decode_queue: int = 64
+    decode_wait_s: float = 10.0
     # image_url fetching
     allow_url_hosts: tuple[str, ...] = ()
     url_timeout_s: float = 5.0
@@ -130,6 +136,12 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_k > self.max_k:
             raise ConfigError(f"default_k {self.default_k} is larger than max_k {self.max_k}")
+        if self.decode_slots < 0:
+            raise ConfigError(f"decode_slots must be >= 0 (0 = one per core), got {self.decode_slots}")
+        if self.decode_memory_mb < 16:
+            raise ConfigError(f"decode_memory_mb must be >= 16, got {self.decode_memory_mb}")
+        if self.decode_queue < 0 or self.decode_wait_s <= 0:
+            raise ConfigError("decode_queue must be >= 0 and decode_wait_s > 0")
         if self.filter_budget_s < 0:
             raise ConfigError(f"filter_budget_s must be >= 0 (0 = no limit), got {self.filter_budget_s}")
         if self.url_timeout_s <= 0:

@@ -7,3 +7,11 @@ try:
     import schemathesis.specs.openapi.schemas  # noqa: F401
 except ImportError:  # the test extra is not installed: the fuzz test skips itself
     pass
+
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+# Converted models (OpenVINO, ONNX) are cached on disk: the suite uses its own cache, shared by the
+# subprocesses it starts, so it neither reads nor fills the user's ~/.cache/clipsearch.
+if "CLIPSEARCH_TEST_KEEP_CACHE" not in os.environ:
+    os.environ["CLIPSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipsearch-test-cache-")

@@ -155,7 +155,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     if args.serve:
         from clipsearch.serve import ServeConfig
 
-        s = ServeConfig(indices={args.index_name: index}, host=args.host, port=args.port)
+        s = ServeConfig(
+            indices={args.index_name: index},
+            host=args.host,
+            port=args.port,
+            backend=args.backend,  # the embed options' --backend/--precision serve the queries too
+            precision=args.precision,
+        )
     return PipelineConfig(output_folder=out, download=d, embed=e, index=i, serve=s)
 
 

@@ -45,6 +45,8 @@ class QueryConfig:
     columns: tuple[str, ...] = ()
     clip_model: str | None = None
     device: str = "cpu"
+    backend: str = "auto"  # what runs the model for prompts: auto|torch|openvino|onnx
+    precision: str = "auto"
     batch_size: int = 256
     nprobe: int | None = None
     efSearch: int | None = None
@@ -65,6 +67,9 @@ class QueryConfig:
             )
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        from clipsearch.embed.backends.choice import check_pair
+
+        check_pair(self.backend, self.precision)
         if not self.output.endswith(".parquet"):
             raise ConfigError(f"output {self.output} must end with .parquet", hint="--output FILE.parquet")
         if not self.overwrite and storage.exists(self.output):
@@ -138,7 +143,12 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
             if encoder is None:
                 from clipsearch.embed.models import load_clip
 
-                encoder = load_clip(cfg.clip_model or searcher.model or "clipsearch-tiny", device=cfg.device)
+                encoder = load_clip(
+                    cfg.clip_model or searcher.model or "clipsearch-tiny",
+                    device=cfg.device,
+                    backend=cfg.backend,
+                    precision=cfg.precision,
+                )
             if int(encoder.dim) != searcher.dim:
                 raise ConfigError(
                     f"model {getattr(encoder, 'name', '?')} makes {encoder.dim}-d vectors, the index holds {searcher.dim}-d",

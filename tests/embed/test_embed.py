@@ -16,7 +16,7 @@ from PIL import Image
 from clipsearch.embed import EmbedConfig, embed
 from clipsearch.embed import cli as embed_cli
 from clipsearch.embed.readers import detect_format
-from clipsearch.embed.runner import cached_encoder, plan_units, run_unit
+from clipsearch.embed.runner import _encoder, plan_units, run_unit
 from clipsearch.errors import ConfigError, InputError, ModelLoadError, OutputExistsError
 
 from .conftest import CORRUPT, make_samples, write_image_folder, write_webdataset
@@ -39,9 +39,10 @@ def test_formats_roundtrip_aligned(dataset, tmp_path: Path, tiny_clip: str) -> N
     workers = 1 if fmt == "webdataset" else 0  # decode processes once; in the reader thread otherwise
     assert detect_format(str(folder)) == fmt
     out = tmp_path / "emb"
-    report = embed(_cfg(folder, out, tiny_clip, num_prepro_workers=workers))
+    cfg = _cfg(folder, out, tiny_clip, num_prepro_workers=workers)
+    report = embed(cfg)
     assert report["input_format"] == fmt and report["parts"] == 2 and report["rows"] == 8
-    enc = cached_encoder(tiny_clip, "cpu", "auto", False)
+    enc = _encoder(cfg, "cpu")  # the one the run used (backend auto)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == tiny_clip and manifest["dim"] == 16 and manifest["dtype"] == "float16"
     assert manifest["normalized"] is True and manifest["total_rows"] == 8

@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from clipsearch import distribute
-from clipsearch.embed.config import DEFAULT_MODEL, DEVICES, INPUT_FORMATS, PRECISIONS, EmbedConfig
+from clipsearch.embed.backends.choice import BACKENDS, PRECISIONS
+from clipsearch.embed.config import DEFAULT_MODEL, DEVICES, INPUT_FORMATS, EmbedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="image decode processes (default: 1 per 4 cores on CPU, cores-1 on GPU; 0 decodes in a thread)",
     )
     g.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs")
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="autocast precision (auto: bf16/fp16 on GPU; fp32 on CPU unless it has AMX, as measured)",
-    )
+    add_backend_arguments(g)
     g.add_argument(
         "--enable-text",
         action=argparse.BooleanOptionalAction,
@@ -92,6 +88,25 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         distribute.add_arguments(parser)
 
 
+def add_backend_arguments(g: Any, default: str | None = "auto") -> None:
+    """--backend and --precision: shared by embed, serve and query (serve: None = from its settings)."""
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=default,
+        help="what runs the model: auto picks the fastest installed for the device (OpenVINO bf16 on a CPU with "
+        "avx512_bf16 or AMX, OpenVINO fp32 on other CPUs, torch on a GPU) and logs why; openvino and onnx "
+        "need the extras clipsearch[openvino] / clipsearch[onnx] and convert the model once (cached)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="fp32, bf16 (OpenVINO, or torch autocast), int8 (OpenVINO, ONNX Runtime), fp16 (torch on GPU); "
+        "auto: the backend's fastest faithful one (torch on CPU measures fp32 against bf16 autocast)",
+    )
+
+
 def _processes(args: Any, pipeline: bool) -> int:
     """Model processes: --processes-count, else one per visible GPU (pipeline's --processes-count is the
     download's, so there embed always picks by itself)."""
@@ -117,6 +132,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> EmbedConfig:
         "num_prepro_workers": args.num_prepro_workers,
         "device": args.device,
         "precision": args.precision,
+        "backend": args.backend,
         "enable_text": args.enable_text,
         "enable_image": args.enable_image,
         "compile": args.compile,

@@ -6,11 +6,11 @@ import os
 from dataclasses import dataclass, field
 
 from clipsearch.distribute import DistributorConfig
+from clipsearch.embed.backends.choice import PRECISIONS, check_pair
 from clipsearch.errors import ConfigError
 
 INPUT_FORMATS = ("webdataset", "parquet", "files", "tfrecord", "images")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MODEL = (
     "clipsearch-tiny"  # == clipsearch.embed.models.DEFAULT_MODEL (kept here so config needs no torch)
 )
@@ -34,6 +34,8 @@ class EmbedConfig:
     write_batch_size: if set, the samples per part instead: shards are grouped by their size from
         the download stats, and a plain image folder is cut into parts of this many images.
     num_threads: torch threads on CPU; 0 = every core this process may use.
+    backend: auto (the fastest installed for the device), torch, openvino or onnx; `precision` then says which
+        of fp32, bf16, int8 (fp16: torch on GPU) it runs.
     """
 
     input_dataset: str
@@ -44,6 +46,7 @@ class EmbedConfig:
     num_prepro_workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
+    backend: str = "auto"
     enable_text: bool = True
     enable_image: bool = True
     compile: bool = False
@@ -79,6 +82,7 @@ class EmbedConfig:
             raise ConfigError(
                 f"unknown precision {self.precision!r}", hint="--precision " + "|".join(PRECISIONS)
             )
+        check_pair(self.backend, self.precision)
         if not (self.enable_text or self.enable_image):
             raise ConfigError(
                 "nothing to compute: both text and image embeddings are disabled", hint="--enable-image"

@@ -7,16 +7,22 @@
 `make_preprocessor(name)` returns the model's image preprocessing as a light picklable callable, so worker
 processes can decode and resize images without loading the model. Loading a local folder never touches the
 network. A model that cannot be loaded raises ModelLoadError saying why (offline, wrong name, not CLIP).
+
+`load_clip(..., backend=)` runs the same model on torch, OpenVINO or ONNX Runtime (`clipsearch.embed.backends`):
+every backend gets the same tokenizer and image preprocessing from here and serves the same interface; the
+converted towers are cached on disk, so only the first start converts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "clipsearch-tiny"
 OPEN_CLIP_PREFIX = "open_clip:"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -144,8 +150,10 @@ class ClipEncoder:
         preprocessor: ImagePreprocessor,
         image_fn: Callable[[torch.Tensor], torch.Tensor],
         text_fn: Callable[[list[str]], torch.Tensor],
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         model_type: str,
+        backend: str = "torch",
+        n_params: int = 0,
     ):
         self.name = name
         self.resolved = resolved
@@ -154,17 +162,25 @@ class ClipEncoder:
         self.preprocessor = preprocessor
         self.model = model
         self.model_type = model_type
+        self.backend = backend
+        #: what load_clip picked and why: backend, precision, reason, and for converted models the cache entry
+        self.backend_info: dict[str, Any] = {"backend": backend, "precision": precision}
         self._image_fn = image_fn
         self._text_fn = text_fn
         self.precision_probe: dict[str, float] = {}  # images/s per precision, when `auto` was measured
-        self.n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+        self.n_params = (
+            sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else int(n_params)
+        )
         self.dim = int(self.text_features([""]).shape[1])
 
     def __repr__(self) -> str:
-        return f"ClipEncoder({self.name!r}, dim={self.dim}, device={self.device!r}, precision={self.precision!r})"
+        return (
+            f"ClipEncoder({self.name!r}, dim={self.dim}, device={self.device!r}, backend={self.backend!r}, "
+            f"precision={self.precision!r})"
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
+        if self.precision == "fp32" or self.backend != "torch":
             return contextlib.nullcontext()
         dev_type = "cuda" if self.device.startswith("cuda") else "cpu"
         return torch.autocast(device_type=dev_type, dtype=_DTYPES[self.precision])
@@ -176,7 +192,11 @@ class ClipEncoder:
         is 10x slower (measured: 43 vs 620 single queries/s with the tiny model). torch's thread count is
         process-wide, so this is a performance choice only, never a correctness one.
         """
-        if self.device != "cpu" or work_items * max(self.n_params, 1) > _SMALL_WORK:
+        if (
+            self.backend != "torch"
+            or self.device != "cpu"
+            or work_items * max(self.n_params, 1) > _SMALL_WORK
+        ):
             return contextlib.nullcontext()
         return _one_thread()
 
@@ -335,8 +355,64 @@ def make_preprocessor(name_or_path: str = DEFAULT_MODEL) -> ImagePreprocessor:
     return preprocessor_from_hf_config(_hf_preprocessor_config(resolved, model_type), model_type)
 
 
-def _load_hf(name: str, resolved: str, device: str) -> ClipEncoder:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+@dataclass
+class ModelSource:
+    """A model without its weights: what every backend shares (tokenizer, image preprocessing), plus how to
+    load the weights as two torch towers (`load`) when torch runs it or a converter needs it."""
+
+    name: str
+    resolved: str
+    model_type: str
+    preprocessor: ImagePreprocessor
+    #: texts -> int64 token ids [n, L] (CLIP: padded to the longest; SigLIP: to its trained length)
+    tokenize: Callable[[list[str]], np.ndarray]
+    load: Callable[[str], LoadedTowers]
+    fingerprint: str
+
+
+@dataclass
+class LoadedTowers:
+    model: torch.nn.Module
+    image: torch.nn.Module  # normalised pixels [n, 3, H, W] -> features [n, dim]
+    text: torch.nn.Module  # token ids [n, L] -> features [n, dim] (no mask: see backends/runtimes.py)
+    text_fn: Callable[[list[str]], torch.Tensor]  # the torch path's own (CLIP: with the attention mask)
+
+
+class _Tower(torch.nn.Module):
+    def __init__(self, fn: Callable[[Any, torch.Tensor], Any], model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _features(self._fn(self.model, x))
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _hf_fingerprint(resolved: str) -> str:
+    """A local folder: its files' names, sizes and times. A hub model: the cached snapshot (commit)."""
+    p = Path(resolved)
+    if p.is_dir():
+        return "dir:" + _folder_fingerprint(p)
+    from transformers.utils import cached_file
+
+    try:
+        f = cached_file(resolved, "config.json", **_hf_kwargs(resolved))
+    except Exception:
+        return "hub:?"
+    return "hub:" + (Path(f).parent.name if f else "?")
+
+
+def _hf_source(name: str, resolved: str) -> ModelSource:
+    from transformers import AutoConfig, AutoTokenizer
 
     _check_hf_source(name, resolved)
     kw = _hf_kwargs(resolved)
@@ -351,24 +427,10 @@ def _load_hf(name: str, resolved: str, device: str) -> ClipEncoder:
             hint="--clip-model with a CLIP or SigLIP model",
         )
     try:
-        model = AutoModel.from_pretrained(resolved, **kw)
-    except Exception as e:
-        raise _hub_error(name, e) from e
-    if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
-        raise ModelLoadError(
-            f"{name!r} is a {model_type} model ({type(model).__name__}), not a CLIP model: "
-            "it has no get_image_features/get_text_features",
-            hint="--clip-model with a CLIP or SigLIP model",
-        )
-    try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, **kw)
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {e}", hint="--clip-model") from e
     preprocessor = preprocessor_from_hf_config(_hf_preprocessor_config(resolved, model_type), model_type)
-
-    model = model.eval().to(device)
-    if device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
     max_len = int(getattr(config.text_config, "max_position_embeddings", 77) or 77)
     # SigLIP pools the last token and was trained on max_length padding without a mask: keep that exact.
     siglip = "siglip" in model_type
@@ -378,27 +440,69 @@ def _load_hf(name: str, resolved: str, device: str) -> ClipEncoder:
         else {"padding": "longest", "max_length": max_len, "truncation": True}
     )
 
-    def text_fn(texts: list[str]) -> torch.Tensor:
-        enc = tokenizer(texts, return_tensors="pt", **tok_kw)
-        ids = enc["input_ids"].to(device)
-        if siglip:
-            return _features(model.get_text_features(input_ids=ids))
-        mask = enc["attention_mask"].to(device)
-        return _features(model.get_text_features(input_ids=ids, attention_mask=mask))
+    def tokenize(texts: list[str]) -> np.ndarray:
+        return np.asarray(tokenizer(texts, return_tensors="np", **tok_kw)["input_ids"], dtype=np.int64)
 
-    def image_fn(pixels: torch.Tensor) -> torch.Tensor:
-        return _features(model.get_image_features(pixel_values=pixels))
+    def load(device: str) -> LoadedTowers:
+        from transformers import AutoModel
 
-    return ClipEncoder(
+        try:
+            model = AutoModel.from_pretrained(resolved, **kw)
+        except Exception as e:
+            raise _hub_error(name, e) from e
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise ModelLoadError(
+                f"{name!r} is a {model_type} model ({type(model).__name__}), not a CLIP model: "
+                "it has no get_image_features/get_text_features",
+                hint="--clip-model with a CLIP or SigLIP model",
+            )
+        model = model.eval().to(device)
+        if device.startswith("cuda"):
+            model = model.to(memory_format=torch.channels_last)
+
+        def text_fn(texts: list[str]) -> torch.Tensor:
+            enc = tokenizer(texts, return_tensors="pt", **tok_kw)
+            ids = enc["input_ids"].to(device)
+            if siglip:
+                return _features(model.get_text_features(input_ids=ids))
+            mask = enc["attention_mask"].to(device)
+            return _features(model.get_text_features(input_ids=ids, attention_mask=mask))
+
+        return LoadedTowers(
+            model=model,
+            image=_Tower(lambda m, x: m.get_image_features(pixel_values=x), model),
+            text=_Tower(lambda m, x: m.get_text_features(input_ids=x), model),
+            text_fn=text_fn,
+        )
+
+    return ModelSource(
         name=name,
         resolved=resolved,
+        model_type=model_type,
+        preprocessor=preprocessor,
+        tokenize=tokenize,
+        load=load,
+        fingerprint=_hf_fingerprint(resolved),
+    )
+
+
+def _torch_encoder(src: ModelSource, device: str) -> ClipEncoder:
+    towers = src.load(device)
+    image = towers.image
+
+    def image_fn(pixels: torch.Tensor) -> torch.Tensor:
+        return image(pixels)
+
+    return ClipEncoder(
+        name=src.name,
+        resolved=src.resolved,
         device=device,
         precision="fp32",
-        preprocessor=preprocessor,
+        preprocessor=src.preprocessor,
         image_fn=image_fn,
-        text_fn=text_fn,
-        model=model,
-        model_type=model_type,
+        text_fn=towers.text_fn,
+        model=towers.model,
+        model_type=src.model_type,
     )
 
 
@@ -445,39 +549,51 @@ def _open_clip_preprocessor(spec: str) -> ImagePreprocessor:
     )
 
 
-def _load_open_clip(name: str, spec: str, device: str) -> ClipEncoder:
+def _open_clip_source(name: str, spec: str) -> ModelSource:
     open_clip = _import_open_clip()
     arch, pretrained = _split_open_clip(spec)
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(arch)
-    except Exception as e:
-        low = str(e).lower()
-        if "unknown model" in low or "not found" in low or "invalid" in low:
-            raise ModelLoadError(
-                f"open_clip cannot find {spec!r}: {e}", hint="--clip-model open_clip:ARCH/PRETRAINED"
-            ) from e
-        raise _hub_error(name, e) from e
     preprocessor = _open_clip_preprocessor(spec)
-    model = model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
 
-    def text_fn(texts: list[str]) -> torch.Tensor:
-        return model.encode_text(tokenizer(texts).to(device))
+    def tokenize(texts: list[str]) -> np.ndarray:
+        return np.asarray(tokenizer(texts).numpy(), dtype=np.int64)
 
-    def image_fn(pixels: torch.Tensor) -> torch.Tensor:
-        return model.encode_image(pixels)
+    def load(device: str) -> LoadedTowers:
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        except Exception as e:
+            low = str(e).lower()
+            if "unknown model" in low or "not found" in low or "invalid" in low:
+                raise ModelLoadError(
+                    f"open_clip cannot find {spec!r}: {e}", hint="--clip-model open_clip:ARCH/PRETRAINED"
+                ) from e
+            raise _hub_error(name, e) from e
+        model = model.eval()
+        text = _Tower(lambda m, x: m.encode_text(x), model)
+        return LoadedTowers(
+            model=model,
+            image=_Tower(lambda m, x: m.encode_image(x), model),
+            text=text,
+            text_fn=lambda texts: text(tokenizer(texts).to(device)),
+        )
 
-    return ClipEncoder(
+    return ModelSource(
         name=name,
         resolved=spec,
-        device=device,
-        precision="fp32",
-        preprocessor=preprocessor,
-        image_fn=image_fn,
-        text_fn=text_fn,
-        model=model,
         model_type="open_clip",
+        preprocessor=preprocessor,
+        tokenize=tokenize,
+        load=load,
+        fingerprint=f"open_clip:{getattr(open_clip, '__version__', '?')}",
     )
+
+
+def model_source(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
+    """The model's tokenizer and preprocessing, checked, without loading its weights."""
+    resolved = resolve_model(name_or_path)
+    if resolved.startswith(OPEN_CLIP_PREFIX):
+        return _open_clip_source(name_or_path, resolved)
+    return _hf_source(name_or_path, resolved)
 
 
 def load_clip(
@@ -486,20 +602,58 @@ def load_clip(
     precision: str = "auto",
     *,
     compile: bool = False,
+    backend: str = "torch",
+    threads: int = 0,
+    streams: int = 1,
 ) -> ClipEncoder:
-    """Load a CLIP-like model for inference. Raises ModelLoadError (with the reason) before any work starts."""
+    """Load a CLIP-like model for inference. Raises ModelLoadError (with the reason) before any work starts.
+
+    backend: torch, openvino, onnx, or auto (the fastest installed for the device: `backends.choose_backend`).
+    threads, streams: for openvino/onnx, threads per call and calls that run at once (serve's encoder
+    workers); torch's threads are process-wide and set by the caller.
+    """
+    from clipsearch.embed.backends import choose_backend
+
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    resolved = resolve_model(name_or_path)
-    if resolved.startswith(OPEN_CLIP_PREFIX):
-        enc = _load_open_clip(name_or_path, resolved, dev)
-    else:
-        enc = _load_hf(name_or_path, resolved, dev)
+    choice = choose_backend(backend, precision, dev)
+    src = model_source(name_or_path)
+    if choice.backend != "torch":
+        from clipsearch.embed.backends.loader import load_converted
+
+        try:
+            enc = load_converted(src, choice, threads=threads, streams=streams)
+        except ModelLoadError as e:
+            if backend != "auto":
+                raise
+            logger.warning("%s; backend auto falls back to torch", e.one_line())
+            choice = choice.fallback(f"{choice.backend} failed: {e}")
+        else:
+            logger.info(
+                "loaded %r (%s) with %s %s (%s), dim %d",
+                name_or_path,
+                enc.model_type,
+                choice.backend,
+                choice.precision,
+                choice.reason,
+                enc.dim,
+            )
+            return enc
+    prec = resolve_precision(choice.precision, dev)
+    enc = _torch_encoder(src, dev)
     enc.precision = prec
+    enc.backend_info = {**choice.as_dict(), "precision": prec}
     if compile:
         try:
             enc._image_fn = torch.compile(enc._image_fn)
         except Exception as e:  # compile support varies by platform; eager still works
             logger.warning("torch.compile unavailable (%s); running eagerly", e)
-    logger.info("loaded %r (%s) on %s, %s, dim %d", name_or_path, enc.model_type, dev, prec, enc.dim)
+    logger.info(
+        "loaded %r (%s) on %s with torch %s (%s), dim %d",
+        name_or_path,
+        enc.model_type,
+        dev,
+        prec,
+        choice.reason,
+        enc.dim,
+    )
     return enc

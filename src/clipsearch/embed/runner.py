@@ -151,12 +151,21 @@ def iter_unit(unit: EmbedUnit, counts: readers.ReadCounts) -> Iterator[readers.R
 # process-wide resources: the model and the decode pool are reused by every unit a process runs
 # ---------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def cached_encoder(model: str, device: str, precision: str, compile: bool) -> Any:
+def cached_encoder(
+    model: str, device: str, precision: str, compile: bool, backend: str = "torch", threads: int = 0
+) -> Any:
     from clipsearch.embed.models import load_clip
 
-    enc = load_clip(model, device=device, precision=precision, compile=compile)
-    # on CPU, `auto` is decided by timing the first batches (PrecisionTuner)
-    enc.tune_precision = precision == "auto" and device == "cpu" and enc.n_params >= PRECISION_TUNE_MIN_PARAMS
+    enc = load_clip(
+        model, device=device, precision=precision, compile=compile, backend=backend, threads=threads
+    )
+    # torch on CPU: `auto` is decided by timing the first batches (PrecisionTuner)
+    enc.tune_precision = (
+        enc.backend == "torch"
+        and precision == "auto"
+        and device == "cpu"
+        and enc.n_params >= PRECISION_TUNE_MIN_PARAMS
+    )
     if enc.tune_precision:
         enc.precision = "fp32"
         enc.tuner = PrecisionTuner(enc)  # one per process: its schedule may span several small parts
@@ -376,7 +385,7 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
     t0 = time.perf_counter()
     start_time = time.time()
     device = _unit_device(cfg, unit.part)
-    enc = cached_encoder(cfg.clip_model, device, cfg.precision, cfg.compile)
+    enc = _encoder(cfg, device)
     if device == "cpu":
         torch.set_num_threads(cfg.resolved_threads())
     cuda = device.startswith("cuda")
@@ -483,6 +492,7 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
         "dim": enc.dim,
         "modalities": _modalities(cfg),
         "device": device,
+        "backend": enc.backend,
         "precision": "auto (measuring: fp32 and bf16 batches)"
         if getattr(enc, "tune_precision", False)
         else enc.precision,
@@ -499,6 +509,18 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
         duration_s=duration,
         extra={"samples_per_s": stats["samples_per_s"]},
     )
+
+
+def _encoder(cfg: EmbedConfig, device: str) -> Any:
+    return cached_encoder(
+        cfg.clip_model, device, cfg.precision, cfg.compile, cfg.backend, cfg.resolved_threads()
+    )
+
+
+def _manifest_encoder(info: dict[str, Any]) -> dict[str, Any]:
+    """What ran the model, and why, for manifest.json (without the machine-local cache path)."""
+    keep = ("backend", "precision", "reason", "versions", "worst_cosine_vs_torch_fp32")
+    return {k: info[k] for k in keep if k in info}
 
 
 def _modalities(cfg: EmbedConfig) -> list[str]:
@@ -529,11 +551,21 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         workers = cfg.resolved_workers(_unit_device(cfg))
         if workers > 0 and cfg.enable_image:
             _decode_pool(workers)  # decode workers start now, while the model loads
-        enc = cached_encoder(cfg.clip_model, _unit_device(cfg), cfg.precision, cfg.compile)
-    else:
+        enc = _encoder(cfg, _unit_device(cfg))
+        backend_info = dict(enc.backend_info)
+    else:  # the workers load their own; here only the dimension, and what they will pick
+        from clipsearch.embed.backends import choose_backend
+
         enc = load_clip(cfg.clip_model, device="cpu", precision="fp32")
+        backend_info = choose_backend(cfg.backend, cfg.precision, _unit_device(cfg)).as_dict()
     dim = enc.dim
     del enc
+    logger.info(
+        "embed: model runs on %s %s (%s)",
+        backend_info.get("backend"),
+        backend_info.get("precision"),
+        backend_info.get("reason"),
+    )
 
     for sub in writer.SUBFOLDERS:
         storage.makedirs(storage.join(cfg.output_folder, sub))
@@ -559,7 +591,9 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
 
     fn = functools.partial(run_unit, cfg=cfg)
     results = distribute(fn, todo, cfg.distributor, progress=progress)
-    manifest = writer.write_manifest(cfg.output_folder, cfg.clip_model, dim, modalities)
+    manifest = writer.write_manifest(
+        cfg.output_folder, cfg.clip_model, dim, modalities, encoder=_manifest_encoder(backend_info)
+    )
     duration = time.perf_counter() - t0
     totals: Counter[str] = Counter()
     for r in results:

@@ -166,7 +166,9 @@ def check_output_folder(output_folder: str, model: str, modalities: list[str]) -
     return True
 
 
-def write_manifest(output_folder: str, model: str, dim: int, modalities: list[str]) -> dict[str, Any]:
+def write_manifest(
+    output_folder: str, model: str, dim: int, modalities: list[str], encoder: dict[str, Any] | None = None
+) -> dict[str, Any]:
     parts = read_part_stats(output_folder)
     manifest = {
         "format": "clipsearch.embeddings",
@@ -179,5 +181,7 @@ def write_manifest(output_folder: str, model: str, dim: int, modalities: list[st
         "parts": [{"name": s["part"], "rows": s["rows"], "inputs": s.get("inputs", [])} for s in parts],
         "total_rows": sum(int(s["rows"]) for s in parts),
     }
+    if encoder:
+        manifest["encoder"] = encoder  # what ran the model (backend, precision) and why
     storage.write_json_atomic(storage.join(output_folder, "manifest.json"), manifest)
     return manifest

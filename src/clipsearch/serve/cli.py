@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipsearch.embed.cli import add_backend_arguments
 from clipsearch.errors import ConfigError
 from clipsearch.serve.settings import ServeSettings, parse_index_specs
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="CLIP model for queries (default: the model recorded in index.json)",
     )
     g.add_argument("--device", default=None, help="device for the model: cpu or cuda (default cpu)")
+    if not pipeline:  # the pipeline's embed options carry them
+        add_backend_arguments(g, default=None)
     g.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (default 1)")
     g.add_argument(
         "--allow-url-host",
@@ -52,6 +55,8 @@ def settings_from_args(args: argparse.Namespace, indices: dict[str, str] | None 
         "port": args.port,
         "clip_model": args.clip_model,
         "device": args.device,
+        "backend": getattr(args, "backend", None),
+        "precision": getattr(args, "precision", None),
         "workers": args.workers,
     }
     if getattr(args, "allow_url_host", None):

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         "--clip-model", default=None, metavar="NAME_OR_PATH", help="model for prompts (default: index.json)"
     )
     parser.add_argument("--device", default="cpu", help="device for the model")
+    from clipsearch.embed.cli import add_backend_arguments
+
+    add_backend_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=256, help="queries encoded and searched together")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: index.json)")
     parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: index.json)")
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         columns=tuple(c.strip() for c in args.columns.split(",") if c.strip()),
         clip_model=args.clip_model,
         device=args.device,
+        backend=args.backend,
+        precision=args.precision,
         batch_size=args.batch_size,
         nprobe=args.nprobe,
         efSearch=args.ef_search,

@@ -81,7 +81,15 @@ def load_encoder(settings: ServeSettings, searchers: dict[str, IndexSearcher]) -
             )
         name = models.pop() if models else "clipsearch-tiny"
     logger.info("loading CLIP model %s on %s", name, settings.device)
-    return load_clip(name, device=settings.device)
+    # each encoder worker runs its own single-threaded call at once (see batching.py)
+    return load_clip(
+        name,
+        device=settings.device,
+        backend=settings.backend,
+        precision=settings.precision,
+        threads=settings.encoder_threads,
+        streams=settings.encoder_workers,
+    )
 
 
 class ServeState:

@@ -49,6 +49,9 @@ class ServeSettings:
     #: model name or path; None = the `model` recorded in each index.json
     clip_model: str | None = None
     device: str = "cpu"
+    #: what runs the model (auto|torch|openvino|onnx) and at which precision (auto|fp32|bf16|int8|fp16)
+    backend: str = "auto"
+    precision: str = "auto"
     #: memory-map index files: auto (when index.json says mmap, or the file is over 1 GiB), always, never
     mmap: str = "auto"
     # request limits
@@ -112,6 +115,9 @@ class ServeSettings:
                 raise ConfigError(f"index {name!r} has an empty path", hint="--index NAME=DIR")
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port {self.port} is out of range", hint="--port 0..65535")
+        from clipsearch.embed.backends.choice import check_pair
+
+        check_pair(self.backend, self.precision)
         if self.mmap not in ("auto", "always", "never"):
             raise ConfigError(f"mmap must be auto, always or never, got {self.mmap!r}")
         if self.workers < 1:

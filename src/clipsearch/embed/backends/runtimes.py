@@ -1,0 +1,272 @@
+"""Convert a model's two towers to OpenVINO IR or ONNX, and run them.
+
+Each tower is a torch module with one input: the image tower takes normalised pixels [n, 3, H, W] float32,
+the text tower token ids [n, L] int64 (no attention mask: CLIP's causal mask makes right padding inert and
+it pools the first end-of-text token; SigLIP is trained without a mask). Batch size and text length stay
+dynamic. OpenVINO converts from torch directly (`ov.convert_model`) and takes the precision as an inference
+hint (bf16) or int8 weights (NNCF weight compression, activations quantised on the fly by the CPU plugin);
+ONNX Runtime runs `torch.onnx.export`'s graph, int8 through its dynamic quantisation (weights int8 per
+channel, activations per batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipsearch.embed.backends.choice import cpu_bf16
+from clipsearch.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+TOWERS = ("image", "text")
+INPUTS = {"image": "pixel_values", "text": "input_ids"}
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class ConversionError(ModelLoadError):
+    """A model (one tower, one layer or op of it) that a backend cannot convert or run faithfully."""
+
+    def __init__(self, message: str, *, hint: str | None = None, tower: str = "", ops: tuple[str, ...] = ()):
+        super().__init__(message, hint=hint)
+        self.tower = tower
+        self.ops = ops
+
+
+_OP_PATTERNS = (
+    re.compile(r"\b((?:aten|prim|onnx|torchvision)::[A-Za-z_][\w.]*)"),
+    re.compile(r"operator '?([\w:.]+)'? to ONNX"),
+    re.compile(r"[Nn]o conversion rule found for operations?:?\s*([^\n]+)"),
+)
+
+
+def failing_ops(error: BaseException) -> tuple[str, ...]:
+    """The layer or op names an exporter's error mentions (aten::foo, prim::bar, ...), in order, unique."""
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in _chain(error))
+    found: list[str] = []
+    for pat in _OP_PATTERNS:
+        for m in pat.finditer(text):
+            for name in re.split(r"[,\s]+", m.group(1)):
+                name = name.strip(" '\"`.;")
+                if name and name not in found and "::" in name:
+                    found.append(name)
+    return tuple(found[:5])
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(out) < 6:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def conversion_error(model: str, backend: str, tower: str, error: BaseException) -> ConversionError:
+    ops = failing_ops(error)
+    if len(ops) == 1:
+        what = f"op {ops[0]} has no {backend} conversion"
+    elif ops:
+        what = f"ops {', '.join(ops)} have no {backend} conversion"
+    else:
+        what = " ".join(str(error).split())[:240]
+    return ConversionError(
+        f"model {model!r} will not convert to {backend}: in its {tower} tower, {what}",
+        hint="--backend torch",
+        tower=tower,
+        ops=ops,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenVINO
+# ---------------------------------------------------------------------------------------------------------
+def convert_openvino(
+    model: str, towers: dict[str, Any], examples: dict[str, Any], precision: str, folder: Path, step: Callable
+) -> dict[str, Any]:
+    import openvino as ov
+
+    for tower in TOWERS:
+        step(f"{tower} tower: tracing and converting")
+        try:
+            with warnings.catch_warnings(), _keep_root_logger():
+                warnings.simplefilter("ignore")  # TracerWarnings about branches that are constant for CLIP
+                m = ov.convert_model(towers[tower], example_input=(examples[tower],))
+        except Exception as e:
+            raise conversion_error(model, "openvino", tower, e) from e
+        m.inputs[0].get_tensor().set_names({INPUTS[tower]})
+        shape = list(examples[tower].shape)
+        dims = [-1] + shape[1:] if tower == "image" else [-1, -1]
+        m.reshape({m.inputs[0]: ov.PartialShape(dims)})
+        if precision == "int8":
+            step(f"{tower} tower: int8 weights")
+            import nncf
+
+            m = nncf.compress_weights(m)  # int8 weights, asymmetric per output channel, no data needed
+        step(f"{tower} tower: saving")
+        ov.save_model(m, str(folder / f"{tower}.xml"), compress_to_fp16=precision == "bf16")
+    return {}
+
+
+def load_openvino(folder: Path, precision: str, threads: int, streams: int) -> dict[str, Runner]:
+    import openvino as ov
+
+    core = ov.Core()
+    hint = "bf16" if precision == "bf16" or (precision == "int8" and cpu_bf16()) else "f32"
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": hint,
+        "PERFORMANCE_HINT": "LATENCY" if streams <= 1 else "THROUGHPUT",
+        "NUM_STREAMS": max(1, streams),
+        # pinned threads fight with every other process on a shared machine
+        "ENABLE_CPU_PINNING": False,
+    }
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = threads * max(1, streams)
+    runners: dict[str, Runner] = {}
+    for tower in TOWERS:
+        compiled = core.compile_model(str(folder / f"{tower}.xml"), "CPU", config)
+        runners[tower] = _OVRunner(compiled)
+    return runners
+
+
+class _OVRunner:
+    """One infer request per calling thread: requests from several threads run on separate streams."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+        self._local = threading.local()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        req = getattr(self._local, "req", None)
+        if req is None:
+            req = self._local.req = self.compiled.create_infer_request()
+        out = req.infer([np.ascontiguousarray(x)], share_inputs=True)
+        return np.array(out[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ---------------------------------------------------------------------------------------------------------
+def convert_onnx(
+    model: str, towers: dict[str, Any], examples: dict[str, Any], precision: str, folder: Path, step: Callable
+) -> dict[str, Any]:
+    import torch
+
+    for tower in TOWERS:
+        step(f"{tower} tower: exporting to ONNX")
+        name = INPUTS[tower]
+        axes = {0: "batch"} if tower == "image" else {0: "batch", 1: "tokens"}
+        out = folder / (f"{tower}.fp32.onnx" if precision == "int8" else f"{tower}.onnx")
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    towers[tower],
+                    (examples[tower],),
+                    str(out),
+                    input_names=[name],
+                    output_names=["embeds"],
+                    dynamic_axes={name: axes, "embeds": {0: "batch"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
+        except Exception as e:
+            raise conversion_error(model, "onnx", tower, e) from e
+        if precision == "int8":
+            step(f"{tower} tower: int8 dynamic quantisation")
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            # MatMul only: quantising the embedding Gather too was measured to wreck a small text tower
+            with _quiet_root_logger():
+                quantize_dynamic(
+                    str(out),
+                    str(folder / f"{tower}.onnx"),
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    op_types_to_quantize=["MatMul"],
+                )
+            out.unlink()
+    return {}
+
+
+def load_onnx(folder: Path, precision: str, threads: int, streams: int) -> dict[str, Runner]:
+    import onnxruntime as ort
+
+    runners: dict[str, Runner] = {}
+    for tower in TOWERS:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(0, threads)  # 0: ONNX Runtime's default (every core)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(folder / f"{tower}.onnx"), so, providers=["CPUExecutionProvider"])
+        runners[tower] = _ORTRunner(sess, INPUTS[tower])
+    return runners
+
+
+class _ORTRunner:
+    def __init__(self, sess: Any, name: str):
+        self.sess = sess
+        self.name = name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.sess.run(None, {self.name: np.ascontiguousarray(x)})[0], dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _keep_root_logger() -> Iterator[None]:
+    """ov.convert_model sets the root logger to ERROR and, when the conversion fails, leaves it so, which would
+    silence every later log line (the fallback's included)."""
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    try:
+        yield
+    finally:
+        root.setLevel(state[0])
+        root.filters = state[1]
+        root.handlers = state[2]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs one INFO line per tensor on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+CONVERTERS = {"openvino": convert_openvino, "onnx": convert_onnx}
+LOADERS = {"openvino": load_openvino, "onnx": load_onnx}
+
+
+def library_versions(backend: str, precision: str) -> dict[str, str]:
+    import torch
+    import transformers
+
+    v = {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+    if backend == "openvino":
+        import openvino
+
+        v["openvino"] = openvino.__version__.split("-")[0]
+        if precision == "int8":
+            import nncf
+
+            v["nncf"] = nncf.__version__
+    else:
+        import onnx
+        import onnxruntime
+
+        v["onnxruntime"] = onnxruntime.__version__
+        v["onnx"] = onnx.__version__
+    return v

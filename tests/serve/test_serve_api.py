@@ -246,7 +246,7 @@ def test_body_and_upload_limits(client):
 def test_openapi_documents_knn_inputs(single):
     spec = single.get("/openapi.json").json()
     body = spec["paths"]["/knn"]["post"]["requestBody"]["content"]
-    assert set(body) == {"application/json", "multipart/form-data"}
+    assert set(body) == {"application/json", "multipart/form-data", "application/x-www-form-urlencoded"}
     props = spec["components"]["schemas"]["KnnRequest"]["properties"]
     assert {
         "text",

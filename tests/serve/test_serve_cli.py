@@ -188,3 +188,82 @@ def test_query_by_prompts(index_dir, tmp_path):
             QueryConfig(index=index_dir, prompts=str(prompts), output=out, columns=("nope",)),
             encoder=FakeEncoder(32),
         )
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_no_docs_and_metrics_on_their_own_listener(tmp_path):
+    """`serve --no-docs --metrics-host 127.0.0.1 --metrics-port M`: the API answers neither /docs nor
+    /metrics; the metrics listener answers /metrics with live gauges."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import free_port
+    from .helpers import build_index
+
+    pytest.importorskip("clipsearch.embed.models")
+    folder = str(tmp_path / "index")
+    build_index(folder, n=200, dim=64, model="clipsearch-tiny", text_factory=None)
+    port, mport = free_port(), free_port()
+    argv = ["--index", f"t={folder}", "--port", str(port), "--no-docs"]
+    argv += ["--metrics-host", "127.0.0.1", "--metrics-port", str(mport)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch", "serve", *argv], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if _get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        for path in ("/docs", "/redoc", "/openapi.json", "/metrics"):
+            assert _get(f"http://127.0.0.1:{port}{path}")[0] == 404, path
+        code, text = _get(f"http://127.0.0.1:{mport}/metrics")
+        assert code == 200
+        assert 'clipsearch_index_vectors{index="t",modality="image"} 200.0' in text
+        assert 'clipsearch_image_decodes{state="waiting"} 0.0' in text
+        assert 'clipsearch_requests_total{endpoint="/healthz",status="200"}' in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_metrics_options_in_settings(monkeypatch):
+    monkeypatch.delenv("CLIPSEARCH_SERVE_SETTINGS", raising=False)
+    s = serve_cli.settings_from_args(parse(["--index", "a=/x", "--metrics-host", "off", "--no-docs"]))
+    assert s.docs is False and not s.metrics_on_api and not s.metrics_listener
+    s = serve_cli.settings_from_args(parse(["--index", "a=/x"]))
+    assert s.docs is True and s.metrics_on_api and s.metrics_port == 9464
+    with pytest.raises(ConfigError, match="metrics listener serves one process") as e:
+        ServeSettings(indices={"a": "/x"}, workers=2, metrics_host="127.0.0.1")
+    assert "--workers 1 with --metrics-host" in e.value.one_line()
+    ServeSettings(indices={"a": "/x"}, workers=2, metrics_host="off")  # nothing to listen on: fine
+
+
+def test_metrics_port_taken_is_one_line(index_dir, encoder):
+    import socket
+
+    from clipsearch.serve import create_app
+    from clipsearch.serve.metrics import start_metrics_server
+
+    app = create_app(ServeSettings(indices={"x": index_dir}, metrics_host="off"), encoder=encoder)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="cannot listen for metrics") as e:
+            start_metrics_server(app.state.clipsearch.metrics, "127.0.0.1", taken.getsockname()[1])
+        assert "--metrics-port" in e.value.one_line()

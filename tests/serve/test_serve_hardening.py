@@ -114,3 +114,49 @@ def test_hostile_image_urls_are_4xx_in_every_body_form(single, url):
     ):
         assert r.status_code in (400, 403), r.text
         _no_leaks(r.text)
+
+
+# ------------------------------------------------------------------ costly dedup: a per-request row limit
+def test_dedup_early_stop_keeps_the_first_rows_exact():
+    from clipsearch.serve.dedup import near_duplicates
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((700, 16)).astype(np.float32)
+    vecs = base[rng.integers(0, 700, 2000)]  # many exact duplicates, scattered
+    vecs += rng.standard_normal(vecs.shape).astype(np.float32) * 1e-3
+    full = near_duplicates(vecs, 0.95)
+    for max_kept in (1, 10, 257, 600):
+        part = near_duplicates(vecs, 0.95, max_kept=max_kept)
+        kept_full = np.flatnonzero(~full)[:max_kept]
+        kept_part = np.flatnonzero(~part)[:max_kept]
+        assert kept_full.tolist() == kept_part.tolist()
+        last = kept_full[-1]
+        assert (full[: last + 1] == part[: last + 1]).all()  # every row up to the last kept one is exact
+
+
+@pytest.fixture(scope="module")
+def dup_client(tmp_path_factory, encoder):
+    from .helpers import build_index
+
+    folder = str(tmp_path_factory.mktemp("dups") / "index")
+    data = build_index(folder, n=400, encoder=encoder, duplicates=300)  # rows 0..299 hold one image
+    app = create_app(ServeConfig(indices={"d": folder}, hygiene_max_candidates=64), encoder=encoder)
+    with TestClient(app) as c:
+        c.copy = np.asarray(data["image"][0])  # the vector the 300 rows share
+        yield c
+
+
+def test_dedup_beyond_the_candidate_limit_is_a_400_naming_it(dup_client):
+    r = dup_client.post(
+        "/knn", json={"id": 0, "k": 5}
+    )  # 300 copies of the query: 64 candidates cannot fill 5
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "hygiene_max_candidates" in detail and "64" in detail and "deduplicate=false" in detail
+    r = dup_client.post("/knn", json={"id": 0, "k": 65})  # over the limit before any search
+    assert r.status_code == 400 and "hygiene_max_candidates" in r.json()["detail"]
+    r = dup_client.post("/knn", json={"id": 0, "k": 5, "deduplicate": False})
+    assert r.status_code == 200 and len(r.json()["results"]) == 5
+    far = (-dup_client.copy).tolist()  # the copies rank last for the opposite direction: the page fills
+    r = dup_client.post("/knn", json={"embedding": far, "k": 5})
+    assert r.status_code == 200 and len(r.json()["results"]) == 5

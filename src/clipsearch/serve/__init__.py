@@ -56,10 +56,25 @@ def serve(cfg: ServeSettings, encoder: Any = None) -> None:
         )
         return
     app = create_app(cfg, encoder)
+    metrics_server = None
+    if cfg.metrics_listener:
+        from clipsearch.serve.metrics import start_metrics_server
+
+        assert cfg.metrics_host is not None
+        metrics_server = start_metrics_server(
+            app.state.clipsearch.metrics, cfg.metrics_host, cfg.metrics_port
+        )
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, access_log=False)
     server = uvicorn.Server(config)
-    logger.info("serving %s on %s (web page at /, API docs at /docs)", ", ".join(cfg.indices), url)
-    server.run()
+    extras = [what for what, on in (("web page at /", cfg.web), ("API docs at /docs", cfg.docs)) if on]
+    logger.info(
+        "serving %s on %s%s", ", ".join(cfg.indices), url, f" ({', '.join(extras)})" if extras else ""
+    )
+    try:
+        server.run()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
 
 def _url_host(host: str) -> str:

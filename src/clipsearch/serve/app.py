@@ -130,11 +130,13 @@ def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
         yield
         await state.aclose()
 
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title="clipsearch",
         version=__version__,
         description="CLIP semantic search over indices built by the clipsearch pipeline.",
         lifespan=lifespan,
+        **docs,
     )
     app.state.clipsearch = state
 
@@ -156,6 +158,8 @@ def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
     app.include_router(indices.router)
     app.include_router(metadata.router)
     app.include_router(health.router)
+    if settings.metrics_on_api:
+        app.include_router(health.metrics_router)
     if settings.web:
         app.include_router(web.router)
         app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")

@@ -47,6 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         "--max-image-mb", type=float, default=None, help="image upload / fetch limit in MB (default 10)"
     )
     g.add_argument("--no-web", action="store_true", help="serve the API only, not the web page")
+    g.add_argument(
+        "--no-docs", action="store_true", help="do not serve the API docs (/docs, /redoc, /openapi.json)"
+    )
+    g.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="serve /metrics on its own listener at HOST (e.g. 127.0.0.1) instead of the API's address; "
+        "'off' turns /metrics off",
+    )
+    g.add_argument(
+        "--metrics-port", type=int, default=None, help="port of the --metrics-host listener (default 9464)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace, indices: dict[str, str] | None = None) -> ServeSettings:
@@ -67,6 +80,12 @@ def settings_from_args(args: argparse.Namespace, indices: dict[str, str] | None 
         overrides["max_image_bytes"] = int(args.max_image_mb * 1024 * 1024)
     if getattr(args, "no_web", False):
         overrides["web"] = False
+    if getattr(args, "no_docs", False):
+        overrides["docs"] = False
+    if getattr(args, "metrics_host", None) is not None:
+        overrides["metrics_host"] = args.metrics_host
+    if getattr(args, "metrics_port", None) is not None:
+        overrides["metrics_port"] = args.metrics_port
     idx = dict(indices or {})
     idx.update(parse_index_specs(getattr(args, "index", None) or []))
     if idx:

@@ -165,8 +165,9 @@ class ErrorResponse(BaseModel):
     detail: Any
 
 
-def multipart_schema() -> dict[str, Any]:
-    """OpenAPI schema of the multipart form of POST /knn: an `image` file plus the same fields as text."""
+def multipart_schema(files: bool = True) -> dict[str, Any]:
+    """OpenAPI schema of the form bodies of POST /knn: the JSON fields as text, plus (multipart) an `image`
+    file."""
     props: dict[str, Any] = {
         "image": {"type": "string", "format": "binary", "description": "the query image file"},
         "text": {"type": "string", "maxLength": MAX_TEXT},
@@ -186,4 +187,6 @@ def multipart_schema() -> dict[str, Any]:
         "nprobe": {"type": "integer", "minimum": 1, "maximum": 65536},
         "efSearch": {"type": "integer", "minimum": 1, "maximum": 65536},
     }
+    if not files:
+        del props["image"]
     return {"type": "object", "properties": props}

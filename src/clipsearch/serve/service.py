@@ -119,6 +119,7 @@ class ServeState:
             settings.decode_wait_s,
         )
         self._resize_hw = resize_hw_of(encoder)
+        self.metrics.before_collect = self.refresh_gauges
         self.refresh_gauges()
 
     def refresh_gauges(self) -> None:
@@ -127,6 +128,11 @@ class ServeState:
         for name, s in self.searchers.items():
             for m, mi in s.indices.items():
                 self.metrics.vectors.labels(name, m).set(mi.ntotal)
+        gate = getattr(self, "decode_gate", None)
+        if gate is not None:
+            self.metrics.decodes.labels("in_flight").set(gate.in_flight)
+            self.metrics.decodes.labels("waiting").set(gate.waiting)
+            self.metrics.decode_bytes.set(gate.reserved)
 
     @classmethod
     def open(cls, settings: ServeSettings, encoder: Any = None) -> ServeState:
@@ -322,6 +328,11 @@ class ServeState:
         hygiene = req.deduplicate or req.safety
         n_fetch = want if not hygiene else int(math.ceil(want * self.settings.overfetch)) + 8
         cap = min(s.count, max(want, int(math.ceil(want * self.settings.overfetch * 8)) + 64))
+        limit = self.settings.hygiene_max_candidates
+        if hygiene:  # dedup compares candidates with the kept ones: rows x kept x dim, bounded per request
+            if want > limit:
+                raise InputError(_hygiene_limit_message(req, limit))
+            n_fetch, cap = min(n_fetch, limit), min(cap, max(limit, want))
         q = vec.reshape(1, -1)
         while True:
             n_fetch = min(n_fetch, s.count) if s.count else n_fetch
@@ -347,11 +358,16 @@ class ServeState:
                 if req.deduplicate:
                     thr = req.dedup_threshold or self.settings.dedup_threshold
                     idx_keep = np.flatnonzero(keep)
-                    dup_mask[idx_keep[near_duplicates(vecs[idx_keep], thr)]] = True
+                    # the page needs its `want` rows and one more (to know whether a next page exists)
+                    dup_mask[idx_keep[near_duplicates(vecs[idx_keep], thr, max_kept=want + 1)]] = True
                     keep &= ~dup_mask
                 timings["hygiene"] = timings.get("hygiene", 0.0) + time.perf_counter() - t
             kept_ids, kept_sims = ids[keep], sims[keep]
-            if len(kept_ids) >= want or exhausted or n_fetch >= cap:
+            if len(kept_ids) >= want or exhausted:
+                break
+            if n_fetch >= cap:
+                if hygiene and n_fetch >= limit:  # the page cannot be filled within the per-request limit
+                    raise InputError(_hygiene_limit_message(req, limit))
                 break
             n_fetch = min(cap, n_fetch * 2)
         page_ids = kept_ids[req.offset : want]
@@ -411,6 +427,15 @@ class ServeState:
             item["id"] = i
             out.append(item)
         return {"rows": out, "missing": bad}
+
+
+def _hygiene_limit_message(req: KnnRequest, limit: int) -> str:
+    what = " and ".join(w for w, on in (("deduplicate", req.deduplicate), ("safety", req.safety)) if on)
+    return (
+        f"{what} would have to examine more than {limit:,} candidates to fill results {req.offset:,} to "
+        f"{req.offset + req.k:,} (the hygiene_max_candidates limit): ask for an earlier page or fewer "
+        f"results, or set {' and '.join(f'{w}=false' for w in what.split(' and '))}"
+    )
 
 
 def _current(s: Any) -> Any:

@@ -81,6 +81,8 @@ class ServeSettings:
     filter_budget_s: float = 5.0
     subset_cache_bytes: int = 128 * 1024 * 1024
     overfetch: float = 2.0  # extra candidates fetched when deduplicate / safety may remove results
+    #: candidates deduplicate / safety may examine per request (dedup costs candidates x kept x dim)
+    hygiene_max_candidates: int = 16_384
     # result hygiene
     dedup_threshold: float = 0.95
     safety_threshold: float = 0.0  # margin of the best unsafe prompt over the best safe one
@@ -98,6 +100,11 @@ class ServeSettings:
     inline_search: bool = True
     #: serve the web page at /
     web: bool = True
+    #: serve the API docs (/docs, /redoc, /openapi.json)
+    docs: bool = True
+    #: serve /metrics on its own listener at this address (with metrics_port) instead of the API's; "off": no /metrics
+    metrics_host: str | None = None
+    metrics_port: int = 9464
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "indices", dict(self.indices))
@@ -122,6 +129,17 @@ class ServeSettings:
             raise ConfigError(f"mmap must be auto, always or never, got {self.mmap!r}")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1", hint="--workers 1")
+        if self.metrics_host == "":
+            object.__setattr__(self, "metrics_host", None)
+        if not (0 <= self.metrics_port <= 65535):
+            raise ConfigError(
+                f"metrics_port {self.metrics_port} is out of range", hint="--metrics-port 0..65535"
+            )
+        if self.metrics_listener and self.workers > 1:
+            raise ConfigError(
+                "a separate metrics listener serves one process's metrics, and --workers starts several",
+                hint="--workers 1 with --metrics-host, or --metrics-host off",
+            )
         positive = (
             "default_k",
             "max_k",
@@ -136,6 +154,7 @@ class ServeSettings:
             "text_cache_size",
             "encoder_threads",
             "encoder_workers",
+            "hygiene_max_candidates",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -160,6 +179,16 @@ class ServeSettings:
             raise ConfigError(f"overfetch must be >= 1, got {self.overfetch}")
         if not self.unsafe_prompts:
             raise ConfigError("unsafe_prompts must not be empty")
+
+    @property
+    def metrics_listener(self) -> bool:
+        """Whether /metrics is served on its own address (metrics_host, metrics_port)."""
+        return self.metrics_host is not None and self.metrics_host.lower() != "off"
+
+    @property
+    def metrics_on_api(self) -> bool:
+        """Whether the API's own listener answers /metrics (the default)."""
+        return self.metrics_host is None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

@@ -1,4 +1,4 @@
-"""GET /healthz and GET /metrics (Prometheus)."""
+"""GET /healthz, and GET /metrics (Prometheus) unless it has its own listener (`metrics_host`)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ def healthz(state: State) -> dict[str, Any]:
     return {"status": "ok", "indices": list(state.searchers), "model": state.model_name}
 
 
-@router.get(
+metrics_router = APIRouter(tags=["health"])
+
+
+@metrics_router.get(
     "/metrics",
     summary="Prometheus metrics: request and per-step latency (encode, search, filter, metadata)",
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
 def metrics(state: State) -> Response:
-    state.refresh_gauges()
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

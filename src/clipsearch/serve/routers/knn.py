@@ -157,6 +157,7 @@ async def _parse_form(request: Request, max_image_bytes: int) -> Query:
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/KnnRequest"}},
                 "multipart/form-data": {"schema": multipart_schema()},
+                "application/x-www-form-urlencoded": {"schema": multipart_schema(files=False)},
             },
         }
     },

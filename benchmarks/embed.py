@@ -11,6 +11,12 @@ and measures, in a fresh process just before and just after our run, the model-o
 pre-read captions (image + text towers, the same batch size and threads, on min(N, 128) samples), in fp32
 and under bf16 autocast; ours is compared with the ceiling at the precision it chose.
 It also times `clipsearch embed` with the shipped tiny model when it is there.
+
+With --backends torch,openvino[,onnx] it compares clipsearch's own backends instead (issue 19), in one run:
+  - cold: each converted backend once with an empty model cache (the conversion is in the wall time);
+  - warm: alternating rounds of `clipsearch embed --backend B` (whole-process images/s, steady rate, the
+    encoder's busy share from the part stats);
+  - text at batch 1: each backend's loaded model encodes unique prompts one at a time for --text-seconds.
 Figures: samples/s for the whole command (wall time, imports and model load included), and for ours also
 steady samples/s from the part stats (clip-retrieval's own log rounds its rate to integers, so only its
 whole-command figure is used). Load averages are recorded with each run: on a shared machine, compare
@@ -128,6 +134,115 @@ def ceiling_main(model: str, shards: str, n: int, batch: int, threads: int, prob
     print("CEILING " + json.dumps(res))
 
 
+def text_bench_main(model: str, backend: str, seconds: str) -> None:
+    """(subprocess) unique prompts encoded one at a time, as a server without batching would."""
+    import torch
+
+    from clipsearch.embed.models import load_clip
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    enc = load_clip(model, backend=backend, precision="auto" if backend != "torch" else "fp32")
+    rng = random.Random(1)
+    prompts = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randrange(4, 12))) + f" {i}" for i in range(100000)
+    ]
+    for p in prompts[:5]:
+        enc.encode_text([p])
+    n, t0 = 0, time.perf_counter()
+    lat = []
+    while time.perf_counter() - t0 < float(seconds):
+        t = time.perf_counter()
+        enc.encode_text([prompts[5 + n]])
+        lat.append(time.perf_counter() - t)
+        n += 1
+    wall = time.perf_counter() - t0
+    res = {"backend": enc.backend, "precision": enc.precision, "queries": n, "queries_per_s": round(n / wall, 1),
+           "p50_ms": round(1000 * statistics.median(lat), 2)}  # fmt: skip
+    print("TEXT " + json.dumps(res))
+
+
+def backends_main(a: argparse.Namespace, model: Path, shards: Path, runs: Path) -> int:
+    """clipsearch's backends against each other on the same shards and model (issue 19's goals)."""
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["CLIPSEARCH_CACHE_DIR"] = str(runs / "cache")
+    base = [str(ROOT / ".venv/bin/python"), "-m", "clipsearch.embed", "-q", "--input-dataset", str(shards),
+            "--input-format", "webdataset", "--batch-size", str(a.batch_size), "--device", "cpu", "--no-progress",
+            "--clip-model", str(model), *a.extra.split()]  # fmt: skip
+    out: dict = {
+        "n": a.n,
+        "batch_size": a.batch_size,
+        "cold": {},
+        "warm": {b: [] for b in backends},
+        "text": {},
+    }
+
+    def one(backend: str, tag: str) -> dict:
+        folder = runs / f"{backend}-{tag}"
+        before = loadavg()
+        wall, rc = timed(
+            base + ["--backend", backend, "--output-folder", str(folder)], runs / f"{tag}.log", env
+        )
+        res: dict = {"wall_s": round(wall, 2), "images_per_s": round(a.n / wall, 2), "rc": rc}
+        res["load_before"], res["load_after"] = before, loadavg()
+        if rc != 0:
+            res["log_tail"] = (runs / f"{tag}.log").read_text()[-2000:]
+            return res
+        parts = [json.loads(p.read_text()) for p in sorted((folder / "stats").glob("*.json"))]
+        rows = sum(p["rows"] for p in parts)
+        res["steady_images_per_s"] = round(rows / sum(p["duration_s"] for p in parts), 2)
+        res["encoder_busy"] = round(sum(p["model_s"] for p in parts) / sum(p["duration_s"] for p in parts), 3)
+        res["precision"] = parts[-1].get("precision")
+        res["backend"] = parts[-1].get("backend")
+        shutil.rmtree(folder, ignore_errors=True)
+        return res
+
+    for b in backends:  # cold: the first start converts the model
+        if b != "torch":
+            out["cold"][b] = one(b, f"cold-{b}")
+            print("cold", b, json.dumps(out["cold"][b]), flush=True)
+    for r in range(a.rounds):
+        for b in backends if r % 2 == 0 else backends[::-1]:
+            res = one(b, f"{b}-{r}")
+            out["warm"][b].append(res)
+            print("warm", b, json.dumps(res), flush=True)
+    for b in backends:
+        p = subprocess.run([sys.executable, __file__, "--_textbench", str(model), b, str(a.text_seconds)],
+                           capture_output=True, text=True, env=env)  # fmt: skip
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("TEXT ")), None)
+        out["text"][b] = json.loads(line[5:]) if line else {"error": p.stderr[-1500:]}
+        out["text"][b]["load_before"] = loadavg()
+        print("text", b, json.dumps(out["text"][b]), flush=True)
+
+    def med(b: str, key: str) -> float | None:
+        v = [r[key] for r in out["warm"][b] if r.get("rc") == 0 and key in r]
+        return round(statistics.median(v), 2) if v else None
+
+    summary: dict = {}
+    for b in backends:
+        summary[b] = {
+            "images_per_s": med(b, "images_per_s"),
+            "steady_images_per_s": med(b, "steady_images_per_s"),
+            "encoder_busy": med(b, "encoder_busy"),
+            "text_queries_per_s": out["text"][b].get("queries_per_s"),
+        }
+    if "torch" in backends:
+        t = summary["torch"]
+        for b in backends:
+            if b != "torch" and t["images_per_s"] and summary[b]["images_per_s"]:
+                summary[b]["images_ratio_vs_torch"] = round(summary[b]["images_per_s"] / t["images_per_s"], 2)
+            if b != "torch" and t["text_queries_per_s"] and summary[b]["text_queries_per_s"]:
+                summary[b]["text_ratio_vs_torch"] = round(
+                    summary[b]["text_queries_per_s"] / t["text_queries_per_s"], 2
+                )
+    out["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    shutil.rmtree(runs, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=384, help="images")
@@ -146,8 +261,16 @@ def main() -> int:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--extra", default="", help="extra clipsearch embed options")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--backends", default="", help="compare these clipsearch backends (e.g. torch,openvino) instead"
+    )
+    ap.add_argument("--text-seconds", type=float, default=15.0, help="per backend, for text at batch 1")
     ap.add_argument("--_ceiling", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--_textbench", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a._textbench:
+        text_bench_main(*a._textbench)
+        return 0
     if a._ceiling:
         m, s, n, b, t, p = a._ceiling
         ceiling_main(m, s, int(n), int(b), int(t), p == "1")
@@ -176,6 +299,8 @@ def main() -> int:
             sys.exit("no clip-retrieval venv to build the ViT-B/32 with (--cr-python)")
         subprocess.run([cr_python, f"{a.bench_dir}/make_vitb32.py", str(model)], check=True)
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
+    if a.backends:
+        return backends_main(a, model, shards, runs)
     ours = [
         str(ROOT / ".venv/bin/python"),
         "-m",

@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,6 +44,8 @@ from clipsearch.serve import ServeConfig, serve
 kw = dict(indices={"bench": sys.argv[1]}, host="127.0.0.1", port=int(sys.argv[2]), web=False)
 if sys.argv[3] != "-":
     kw["clip_model"] = sys.argv[3]
+if len(sys.argv) > 4:
+    kw["backend"] = sys.argv[4]
 serve(ServeConfig(**kw))
 """
 
@@ -417,12 +420,14 @@ def filtered_recall(folder: Path, nq: int = 200) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ main
-def start_clipsearch(folder: Path, model: str, work: Path, tag: str) -> tuple[subprocess.Popen, int, float]:
+def start_clipsearch(
+    folder: Path, model: str, work: Path, tag: str, backend: str = "auto", env_extra: dict | None = None
+) -> tuple[subprocess.Popen, int, float]:
     port = free_port()
     log = work / f"clipsearch-{tag}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env_extra or {}))
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_CLIPSEARCH, str(folder), str(port), model],
+        [sys.executable, "-c", RUN_CLIPSEARCH, str(folder), str(port), model, backend],
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -588,6 +593,56 @@ def bench_reference(folder: Path, model_dir: str, work: Path, a: argparse.Namesp
     return out
 
 
+def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespace) -> dict:
+    """clipsearch's own backends (issue 19): one server per backend on the same ViT-B/32 index, up at once,
+    load runs alternating between them. The converted model is cached before the timed starts (a first start
+    converts; its time is reported separately as cold_startup_s)."""
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    cache = {"CLIPSEARCH_CACHE_DIR": str(work / "model-cache")}
+    out: dict = {b: {"runs": [], "runs_c1": []} for b in backends}
+    procs = {}
+    try:
+        for b in backends:
+            if b != "torch":  # cold start: converts the model into the (fresh) cache
+                shutil.rmtree(work / "model-cache", ignore_errors=True)
+                proc, _, t = start_clipsearch(folder, model_dir, work, f"cold-{b}", b, cache)
+                stop(proc)
+                out[b]["cold_startup_s"] = round(t, 1)
+            proc, port, t = start_clipsearch(folder, model_dir, work, f"vitb32-{b}", b, cache)
+            procs[b] = (proc, port)
+            out[b]["startup_s"] = round(t, 1)
+        for _, port in procs.values():
+            load(port, "/knn", [{"text": p, "k": 10} for p in prompts(60, 99)], a.concurrency, 5)  # warm-up
+        for r in range(a.rounds):
+            for b in backends if r % 2 == 0 else backends[::-1]:
+                port = procs[b][1]
+                bodies = [{"text": p, "k": 10} for p in prompts(50_000, 20 + r)]
+                out[b]["runs"].append(
+                    {**load(port, "/knn", bodies, a.concurrency, a.duration), "load": uptime()}
+                )
+                bodies = [{"text": p, "k": 10} for p in prompts(50_000, 40 + r)]
+                out[b]["runs_c1"].append(load(port, "/knn", bodies, 1, a.duration / 2))
+                print(b, json.dumps(out[b]["runs"][-1]), flush=True)
+        for b, (proc, _) in procs.items():
+            out[b]["load"] = median_run(out[b]["runs"])
+            out[b]["load_c1"] = median_run(out[b]["runs_c1"])
+            out[b]["rss_loaded_mb"] = rss(proc.pid)
+        if "torch" in out:
+            t = out["torch"]["load"]["qps"]
+            for b in backends:
+                if b != "torch" and t:
+                    out[b]["ratio_qps_vs_torch"] = round(out[b]["load"]["qps"] / t, 2)
+                    out[b]["ratio_qps_per_round"] = [
+                        round(x["qps"] / y["qps"], 2)
+                        for x, y in zip(out[b]["runs"], out["torch"]["runs"], strict=True)
+                        if y["qps"]
+                    ]
+    finally:
+        for proc, _ in procs.values():
+            stop(proc)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -604,7 +659,13 @@ def main() -> None:
     )
     ap.add_argument("--cr-python", default=None, help="python of a venv with clip-retrieval")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--only", default="all", choices=["all", "tiny", "rate", "reference", "recall", "memory"])
+    ap.add_argument(
+        "--only", default="all", choices=["all", "tiny", "rate", "reference", "recall", "memory", "backends"]
+    )
+    ap.add_argument(
+        "--backends", default="torch,openvino", help="with --only backends: the backends compared"
+    )
+    ap.add_argument("--n-ref", type=int, default=None, help="rows of the ViT-B/32 index (default --n)")
     ap.add_argument("--n-mem", type=int, default=10_000_000, help="rows of the index for the memory run")
     a = ap.parse_args()
     work = Path(a.work)
@@ -636,6 +697,15 @@ def main() -> None:
         if a.only in ("all", "tiny", "rate"):
             results["clipsearch_tiny"] = bench_tiny(tiny_dir, work, a)
             print(json.dumps(results["clipsearch_tiny"], indent=1), flush=True)
+
+    if a.only == "backends":
+        vit = a.vitb32 or "/tmp/clipsearch-bench-embed/vitb32"
+        n_ref = a.n_ref or a.n
+        ref_dir = work / f"index-{n_ref}-512"
+        if not (ref_dir / "index.json").exists():
+            make_index(ref_dir, n_ref, 512, vit)
+        results["backends"] = bench_backends(ref_dir, vit, work, a)
+        print(json.dumps(results["backends"], indent=1), flush=True)
 
     if a.only in ("all", "reference") and not a.skip_reference:
         cr = a.cr_python or next(

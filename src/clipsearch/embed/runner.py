@@ -424,6 +424,8 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
         dynamic_ncols=True,
     )
     reader.start()
+    t_loop = time.perf_counter()
+    model_s = 0.0  # time in the model: the encoder is busy this share of the loop (docs/bench-embed.md)
     try:
         while True:
             item = q.get()
@@ -451,10 +453,12 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
                 bar.update(len(batch))
                 continue
             t_tune = tuner.start() if tuner is not None and tuner.active else None
+            t_model = time.perf_counter()
             if pix is not None:
                 img_chunks.append(enc.image_features(pix).to(torch.float16))
             if cfg.enable_text:
                 txt_chunks.append(enc.text_features([s.caption or "" for s in good]).to(torch.float16))
+            model_s += time.perf_counter() - t_model
             if t_tune is not None:
                 tuner.stop(t_tune, len(good))  # type: ignore[union-attr]
             for s in good:
@@ -463,6 +467,7 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
                 rows.append(_row(s))
             bar.update(len(batch))
     finally:
+        loop_s = time.perf_counter() - t_loop
         stop.set()
         bar.close()
         if tuner is not None:
@@ -499,6 +504,8 @@ def run_unit(unit: EmbedUnit, cfg: EmbedConfig) -> UnitResult:
         "precision_probe": getattr(enc, "precision_probe", {}),
         "batch_size": batch_size,
         "num_prepro_workers": workers,
+        "model_s": round(model_s, 3),
+        "encoder_busy": round(model_s / loop_s, 3) if loop_s > 0 else None,
         "top_errors": errors.most_common(10),
         "examples": {k: v for k, v in counts.examples.items() if k in COUNT_KEYS},
     }

@@ -1,15 +1,28 @@
 """Index benchmark: clipsearch index vs autofaiss 2.18 on the same synthetic CLIP-like data.
 
 Usage:
-    python benchmarks/index.py DATA_DIR BUDGET [--tools ours,autofaiss] [--timeout-min 60]
+    python benchmarks/index.py DATA_DIR BUDGET [--tools ours,autofaiss] [--modes a,b,c] [--timeout-min 60]
 
-DATA_DIR is made by /work/shared/bench/make_embeddings.py with NQ=2000: `emb/part_*.npy`
-(float16), `queries.npy` (shifted, text-like) and `gt.npy` (exact top-100). The first 1000 queries
-are handed to clipsearch as `--tuning-queries`; the last 1000 (never seen by either tool) measure
-recall@10 against the exact ground truth. Each tool runs in its own python (autofaiss needs
-faiss-cpu 1.9 and numpy<2: /work/venvs/autofaiss), as a subprocess of this script, one after the
-other, so they never share the 2 cores. Results go to DATA_DIR/results-BUDGET.json and a markdown
-table is printed.
+DATA_DIR is made by benchmarks/geometries.py (any geometry, `isotropic` being the shared generator):
+`emb/part_*.npy` (float16 images), `queries.npy` (text-like evaluation queries, never given to either
+tool), `gt.npy` (their exact top-100), `tune_queries.npy` (a separate draw of text-like queries) and,
+with --embed-folder, `embeddings/` (an embed-stage folder with one caption embedding per image).
+A folder made by /work/shared/bench/make_embeddings.py with NQ=2000 works too: its first 1000 queries
+are then the tuning draw and the last 1000 the evaluation queries.
+
+clipsearch is run in three modes, each given only what a user of that mode has:
+  a: `clipsearch index --embeddings-folder emb/` and the budget: a bare .npy folder, no format option,
+     no tuning queries, no model (an autofaiss user's default);
+  b: the same plus `--tuning-queries tune_queries.npy`;
+  c: `--embeddings-folder embeddings/`, the embed stage's output with its caption embeddings.
+autofaiss gets the same vectors (`emb/`; `embeddings/img_emb/` holds the same rows) and the same
+budget, and is built once: it has no way to take tuning queries or captions. To give it the same
+information in modes b and c, benchmarks/index_interleaved.py also re-tunes its nprobe with
+clipsearch's tuner on the same queries.
+
+Each tool runs in its own python (autofaiss needs faiss-cpu 1.9 and numpy<2: /work/venvs/autofaiss),
+as a subprocess of this script, one after the other. Results go to DATA_DIR/results-BUDGET.json and a
+markdown table is printed.
 
 This file is also the worker (`--worker ours|autofaiss`): it imports only numpy and faiss at top
 level so it runs under either venv.
@@ -37,7 +50,17 @@ N_EVAL = 1000
 def _eval_queries(data: str) -> tuple[np.ndarray, np.ndarray]:
     q = np.load(os.path.join(data, "queries.npy")).astype(np.float32)
     gt = np.load(os.path.join(data, "gt.npy"))
+    if os.path.exists(os.path.join(data, "tune_queries.npy")):
+        return np.ascontiguousarray(q), gt
     return np.ascontiguousarray(q[-N_EVAL:]), gt[-N_EVAL:]
+
+
+def _tuning_queries(data: str) -> np.ndarray:
+    """The separate draw of text-like queries (never the evaluation queries)."""
+    path = os.path.join(data, "tune_queries.npy")
+    if os.path.exists(path):
+        return np.load(path).astype(np.float32)
+    return np.load(os.path.join(data, "queries.npy")).astype(np.float32)[:-N_EVAL]
 
 
 def recall_at_10(ids: np.ndarray, gt: np.ndarray) -> float:
@@ -107,20 +130,20 @@ def worker_autofaiss(data: str, budget: str, out: str, threads: int) -> dict:
     return res
 
 
-def worker_ours(data: str, budget: str, out: str, threads: int) -> dict:
+def worker_ours(data: str, budget: str, out: str, threads: int, mode: str) -> dict:
     import faiss
 
     from clipsearch.index import IndexConfig, build_index
 
-    q = np.load(os.path.join(data, "queries.npy")).astype(np.float32)
-    tq = os.path.join(out + "-tuneq.npy")
-    np.save(tq, q[:-N_EVAL])
+    tq = None
+    if mode == "b":
+        tq = out + "-tuneq.npy"
+        np.save(tq, _tuning_queries(data))
     if os.path.exists(out):
         shutil.rmtree(out)
-    cfg = IndexConfig(
-        embeddings_folder=os.path.join(data, "emb"),
+    cfg = IndexConfig(  # what the command line gives: no --input-format, no model
+        embeddings_folder=os.path.join(data, "embeddings" if mode == "c" else "emb"),
         index_folder=out,
-        input_format="npy",
         max_index_memory_usage=budget,
         max_index_query_time_ms=10.0,
         nb_cores=threads,
@@ -139,9 +162,10 @@ def worker_ours(data: str, budget: str, out: str, threads: int) -> dict:
     size = os.path.getsize(path)
     if os.path.exists(path.replace(".index", ".ivfdata")):
         size += os.path.getsize(path.replace(".index", ".ivfdata"))
-    res = {"tool": f"clipsearch (faiss {faiss.__version__})", "factory": img["factory"]}
+    res = {"tool": f"clipsearch (faiss {faiss.__version__})", "mode": mode, "factory": img["factory"]}
     res["params"] = img["search_params"]
     res["reason"] = img["reason"]
+    res["tuning"] = img["tuning"]
     res["build_s"] = round(build_s, 1)
     res["build_cpu_s"] = round(build_cpu, 1)
     res["timings"] = info["timings"]
@@ -151,9 +175,14 @@ def worker_ours(data: str, budget: str, out: str, threads: int) -> dict:
     return res
 
 
+def out_dir(data: str, tool: str, budget: str) -> str:
+    """`tool` is `autofaiss` or `ours-a|b|c`."""
+    return os.path.join(data, f"out-{tool}-{budget}")
+
+
 def run_tool(tool: str, data: str, budget: str, threads: int, timeout_s: float, reuse: bool) -> dict:
     py = AUTOFAISS_PY if tool == "autofaiss" else OURS_PY
-    out = os.path.join(data, f"out-{tool}-{budget}")
+    out = out_dir(data, tool, budget)
     res_file = out + ".json"
     if reuse and os.path.exists(res_file):
         with open(res_file) as f:
@@ -183,10 +212,10 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['tool']} | error: {r['error'][-200:]!r} ||||||||")
+            rows.append(f"| {r['key']} | error: {r['error'][-200:]!r} ||||||||")
             continue
         rows.append(
-            f"| {r['tool']} | `{r['factory']}` | `{r['params']}` | {r['recall_at_10_text']:.3f} | "
+            f"| {r['key']} | `{r['factory']}` | `{r['params']}` | {r['recall_at_10_text']:.3f} | "
             f"{r['single_query_ms_median']:.2f} | {r['batch_qps']:.0f} | {r['build_s']:.0f} | "
             f"{r.get('build_cpu_s', float('nan')):.0f} | {r['index_bytes'] / 1e6:.1f} |"
         )
@@ -200,22 +229,28 @@ def main() -> None:
     ap.add_argument("--tools", default="ours,autofaiss")
     ap.add_argument("--timeout-min", type=float, default=60)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--worker", choices=["ours", "autofaiss"])
+    ap.add_argument("--modes", default="a,b,c", help="clipsearch's modes (see above)")
+    ap.add_argument("--worker", choices=["ours-a", "ours-b", "ours-c", "autofaiss"])
     ap.add_argument("--reuse", action="store_true", help="take a tool's result file from an earlier run")
     a = ap.parse_args()
     if a.worker:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        out = os.path.join(a.data, f"out-{a.worker}-{a.budget}")
-        fn = worker_ours if a.worker == "ours" else worker_autofaiss
-        res = fn(a.data, a.budget, out, a.threads)
+        out = out_dir(a.data, a.worker, a.budget)
+        if a.worker == "autofaiss":
+            res = worker_autofaiss(a.data, a.budget, out, a.threads)
+        else:
+            res = worker_ours(a.data, a.budget, out, a.threads, a.worker[-1])
         with open(out + ".json", "w") as f:
             json.dump(res, f, indent=2)
         return
     load = os.getloadavg()
     results = []
+    tools = []
     for tool in a.tools.split(","):
+        tools += [f"ours-{m}" for m in a.modes.split(",")] if tool == "ours" else [tool]
+    for tool in tools:
         res = run_tool(tool, a.data, a.budget, a.threads, a.timeout_min * 60, a.reuse)
         res["key"] = tool
         res["loadavg_before"] = [round(x, 2) for x in load]
@@ -226,7 +261,7 @@ def main() -> None:
     old = []
     if os.path.exists(path):
         with open(path) as f:
-            old = [r for r in json.load(f) if r.get("key") not in a.tools.split(",")]
+            old = [r for r in json.load(f) if r.get("key") not in tools]
     with open(path, "w") as f:
         json.dump(old + results, f, indent=2)
     print(table(old + results))

@@ -82,7 +82,8 @@ def test_nlist_and_memory_parsing():
         ({"max_index_memory_usage": "0"}, "--max-index-memory-usage"),
         ({"min_recall": 1.5}, "--min-recall"),
         ({"metric_type": "l2"}, "--metric-type ip"),
-        ({"input_format": "csv"}, "--input-format embeddings|npy|parquet"),
+        ({"input_format": "csv"}, "--input-format auto|embeddings|npy|parquet"),
+        ({"rotation": "opq"}, "--rotation auto|none|pca-balanced"),
         ({"tuning_queries": "q.txt"}, "--tuning-queries FILE.npy"),
     ],
 )

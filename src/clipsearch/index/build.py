@@ -141,17 +141,48 @@ def scan(
 # ---------------------------------------------------------------- train
 
 
-def train_index(factory: str, d: int, sample: np.ndarray, path: str) -> None:
+def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: str | None = None) -> None:
+    """Train the planned factory on the sample and write it (empty) to path. With `rotation`
+    (rotation.NAME), the balanced PCA rotation is fitted on the sample and put in front of the index
+    (an IndexPreTransform), and the index trains on rotated vectors."""
+    from clipsearch.index import rotation as rot
+
     faiss = faiss_mod()
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     configure_training(index)
+    if len(sample) < 1 and (rotation or not index.is_trained):
+        raise IndexBuildError("no valid vector to train on")
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    lt = None
+    if rotation is not None:
+        if rotation != rot.NAME:
+            raise IndexBuildError(f"unknown rotation {rotation!r}")
+        matrix = rot.balanced_pca(x, rot.sub_vector_size(factory, d) or 1)
+        lt = rot.transform(matrix)
+        x = np.ascontiguousarray(x @ matrix.T)
     if not index.is_trained:
         t0 = time.perf_counter()
-        if len(sample) < 1:
-            raise IndexBuildError("no valid vector to train on")
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        logger.info("trained %s on %d vectors in %.1f s", factory, len(sample), time.perf_counter() - t0)
+        index.train(x)
+        logger.info("trained %s on %d vectors in %.1f s", factory, len(x), time.perf_counter() - t0)
+    if lt is not None:
+        index = faiss.IndexPreTransform(lt, index)  # the python objects stay alive until written
     write_index_atomic(index, path)
+
+
+def split_transform(index):
+    """(vector transforms in order, the index behind them) of a trained or built index."""
+    faiss = faiss_mod()
+    idx = typed(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        chain = [faiss.downcast_VectorTransform(idx.chain.at(i)) for i in range(idx.chain.size())]
+        return chain, typed(idx.index)
+    return [], index
+
+
+def apply_chain(chain: list, x: np.ndarray) -> np.ndarray:
+    for vt in chain:
+        x = vt.apply(np.ascontiguousarray(x, dtype=np.float32))
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # PQ codes of more than 8 bits per sub-quantizer, and 8-bit PQ over 2-d sub-vectors (the planner's
@@ -259,11 +290,13 @@ def run_part(unit: PartUnit) -> UnitResult:
         queries = {m: np.ascontiguousarray(z[m]) for m in unit.modalities}
     heaps = {m: faiss.ResultHeap(len(queries[m]), GT_K, keep_max=True) for m in unit.modalities}
     bases, refines, codes, keep_alive = {}, {}, {m: [] for m in unit.modalities}, []
+    chains: dict[str, list] = {}
     for m, kind in zip(unit.modalities, unit.kinds, strict=True):
         if kind == "ivf":
             trained = faiss.read_index(os.path.join(unit.work_dir, f"{m}.trained.index"))
-            keep_alive.append(trained)  # the refine wrapper owns base and refine indices
-            bases[m], refines[m] = split_refine(trained)
+            keep_alive.append(trained)  # the wrappers own the transform, base and refine indices
+            chains[m], inner = split_transform(trained)
+            bases[m], refines[m] = split_refine(inner)
     next_id = unit.id_offset
     counts = {"rows": 0, "added": 0, "nan": 0, "zero": 0}
     for _, xs, bad, c in iter_part(unit.part, unit.source, unit.batch_rows, unit.modalities):
@@ -280,9 +313,10 @@ def run_part(unit: PartUnit) -> UnitResult:
                     idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
                 heaps[m].add_result(np.ascontiguousarray(dist), np.where(idx >= 0, idx + next_id, -1))
             if m in bases and n:
-                bases[m].add_with_ids(x, ids)
+                xt = apply_chain(chains[m], x) if chains[m] else x
+                bases[m].add_with_ids(xt, ids)
                 if refines[m] is not None:
-                    codes[m].append(refines[m].sa_encode(x))
+                    codes[m].append(refines[m].sa_encode(xt))
         next_id += n
         counts["rows"] += len(bad)
         counts["added"] += n
@@ -338,7 +372,8 @@ def merge_ivf(work_dir: str, names: list[str], modality: str, total: int, out_pa
     block lists cannot live on disk in faiss and are merged in RAM (bounded by the budget)."""
     faiss = faiss_mod()
     index = faiss.read_index(os.path.join(work_dir, f"{modality}.trained.index"))
-    base, refine = split_refine(index)
+    chain, inner = split_transform(index)
+    base, refine = split_refine(inner)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(base))  # a member: safe to downcast
     fast_scan = isinstance(ivf, faiss.IndexIVFFastScan)
     paths = [part_paths(work_dir, n, modality) for n in names]
@@ -371,7 +406,8 @@ def merge_ivf(work_dir: str, names: list[str], modality: str, total: int, out_pa
                 refine.add_sa_codes(arr)
         if refine.ntotal != total:
             raise IndexBuildError(f"merged {refine.ntotal} re-rank codes, expected {total}")
-        index.ntotal = total
+        inner.ntotal = total
+    index.ntotal = total
     write_index_atomic(index, out_path)
     return index, not fast_scan
 

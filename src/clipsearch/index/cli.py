@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from clipsearch import distribute
-from clipsearch.index.config import INPUT_FORMATS, IndexConfig
+from clipsearch.index.config import INPUT_FORMATS, ROTATIONS, IndexConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         g.add_argument(
             "--input-format",
             choices=INPUT_FORMATS,
-            default="embeddings",
-            help="embeddings: the embed stage's folder; npy / parquet: plain files, ids = rows in file-name order",
+            default="auto",
+            help="auto: detected from the folder; embeddings: the embed stage's folder; npy / parquet: plain "
+            "files, ids = rows in file-name order",
         )
     g.add_argument("--max-index-memory-usage", default="4G", help="size budget of each index (e.g. 64M, 4G)")
     g.add_argument("--max-index-query-time-ms", type=float, default=10.0, help="single-query latency budget")
@@ -47,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     g.add_argument(
         "--index-key", default=None, help="force a faiss factory string, e.g. 'IVF1024,PQ64x4fsr,RFlat'"
     )
-    g.add_argument("--embedding-column", default="embedding", help="embedding column of parquet input")
+    g.add_argument(
+        "--embedding-column",
+        default=None,
+        help="embedding column of parquet input (default: `embedding`, else the files' one list column)",
+    )
     g.add_argument(
         "--metric-type", choices=["ip"], default="ip", help="inner product on L2-normalised vectors"
     )
@@ -63,10 +68,25 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         default=None,
         help="a .npy of text-like queries (e.g. caption embeddings) to tune plain npy/parquet input on",
     )
+    if not pipeline:  # in `pipeline`, embed's --clip-model is the model, and the manifest says so
+        g.add_argument(
+            "--clip-model",
+            default=None,
+            help="the CLIP model that made the embeddings (hub name, path, open_clip:ARCH/PRETRAINED), when the "
+            "folder does not say (bare .npy / parquet): its text tower encodes shipped prompts into text-like "
+            "tuning queries",
+        )
     g.add_argument(
         "--should-be-memory-mappable",
         action="store_true",
         help="only indices whose lists stay on disk (.ivfdata), so serving needs little RAM",
+    )
+    g.add_argument(
+        "--rotation",
+        choices=ROTATIONS,
+        default="auto",
+        help="rotate before product quantization: auto decides on the training sample whether the balanced "
+        "PCA rotation raises recall (docs/index.md); none; pca-balanced",
     )
     g.add_argument("--no-progress", action="store_true", help="no per-part progress lines")
     if not pipeline:
@@ -80,7 +100,7 @@ def config_from_args(args: Any, **overrides: Any) -> IndexConfig:
     kw: dict[str, Any] = dict(
         embeddings_folder=getattr(args, "embeddings_folder", None),
         index_folder=getattr(args, "index_folder", None),
-        input_format=getattr(args, "input_format", "embeddings"),
+        input_format=getattr(args, "input_format", "auto"),
         max_index_memory_usage=args.max_index_memory_usage,
         max_index_query_time_ms=args.max_index_query_time_ms,
         min_recall=args.min_recall,
@@ -90,7 +110,9 @@ def config_from_args(args: Any, **overrides: Any) -> IndexConfig:
         nb_cores=args.nb_cores,
         max_train_points=args.max_train_points,
         tuning_queries=args.tuning_queries,
+        clip_model=getattr(args, "clip_model", None),
         should_be_memory_mappable=args.should_be_memory_mappable,
+        rotation=args.rotation,
         progress=not args.no_progress,
     )
     if hasattr(args, "distributor"):

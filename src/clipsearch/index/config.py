@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from clipsearch.distribute import DistributorConfig
 from clipsearch.errors import ConfigError
 
-INPUT_FORMATS = ("embeddings", "npy", "parquet")
+INPUT_FORMATS = ("auto", "embeddings", "npy", "parquet")
 METRICS = ("ip",)
+ROTATIONS = ("auto", "none", "pca-balanced")
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -38,17 +39,19 @@ class IndexConfig:
 
     embeddings_folder: str
     index_folder: str
-    input_format: str = "embeddings"
+    input_format: str = "auto"  # auto: an embed-stage folder, or a folder of only .npy or only parquet
     max_index_memory_usage: str | int = "4G"
     max_index_query_time_ms: float = 10.0
     min_recall: float | None = None
     index_key: str | None = None
-    embedding_column: str = "embedding"
+    embedding_column: str | None = None  # None: `embedding`, else the parquet's one list column
     metric_type: str = "ip"
     nb_cores: int | None = None
     max_train_points: int | None = None  # None: enough for the plan's IVF lists (plan.train_points)
     tuning_queries: str | None = None
+    clip_model: str | None = None  # the model of bare embeddings: its text tower encodes tuning prompts
     should_be_memory_mappable: bool = False
+    rotation: str = "auto"  # auto: decided on the training sample (index/rotation.py); none; pca-balanced
     n_tuning_queries: int = 1000
     batch_rows: int = 65536
     seed: int = 0
@@ -87,6 +90,8 @@ class IndexConfig:
             raise ConfigError("batch_rows must be >= 1")
         if self.index_key is not None and not self.index_key.strip():
             raise ConfigError("an empty index key", hint="--index-key 'IVF1024,PQ64x4fs,Refine(SQ8)'")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"unknown rotation {self.rotation!r}", hint="--rotation " + "|".join(ROTATIONS))
         if self.tuning_queries is not None and not self.tuning_queries.endswith(".npy"):
             raise ConfigError("tuning queries must be a .npy file", hint="--tuning-queries FILE.npy")
 

@@ -106,10 +106,64 @@ def _stem(path: str) -> str:
     return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
+def detect_input(folder: str, input_format: str, column: str | None) -> tuple[str, str]:
+    """(input format, embedding column) of a folder, for `--input-format auto` and an unset column.
+
+    An embed-stage folder has `img_emb/`; otherwise a folder holding only `.npy` files is `npy`, and
+    one holding only parquet files is `parquet`, its embedding column being `embedding` or else the
+    one list/array column. Anything ambiguous is one error line naming the option to set."""
+    if not storage.exists(folder):
+        raise InputError(f"the embeddings folder {folder} does not exist", hint="--embeddings-folder")
+    fmt = input_format
+    if fmt == "auto":
+        if _list(storage.join(folder, "img_emb"), ".npy"):
+            fmt = "embeddings"
+        else:
+            npys, pqs = _list(folder, ".npy"), _list(folder, ".parquet")
+            if npys and pqs:
+                raise InputError(
+                    f"{folder} holds both .npy and parquet files: say which to index",
+                    hint="--input-format npy|parquet",
+                )
+            if not npys and not pqs:
+                raise InputError(
+                    f"no embeddings in {folder}: expected an embed-stage folder (img_emb/), .npy files or "
+                    "parquet files",
+                    hint="--embeddings-folder",
+                )
+            fmt = "npy" if npys else "parquet"
+        logger.info("input format of %s: %s", folder, fmt)
+    if fmt != "parquet" or column:
+        return fmt, column or "embedding"
+    files = _list(folder, ".parquet")
+    if not files:
+        raise InputError(f"no .parquet files in {folder}", hint="--input-format")
+    try:
+        schema = _parquet_file(files[0]).schema_arrow
+    except Exception as e:
+        raise InputError(f"{files[0]} is not a readable parquet file: {e}") from e
+    if "embedding" in schema.names:
+        return fmt, "embedding"
+    import pyarrow as pa
+
+    vectors = [
+        f.name
+        for f in schema
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type)
+    ]
+    if len(vectors) != 1:
+        what = f"{len(vectors)} list columns ({', '.join(vectors)})" if vectors else "no list column"
+        raise InputError(f"{files[0]} has {what}: say which holds the embeddings", hint="--embedding-column")
+    logger.info("embedding column of %s: %s", folder, vectors[0])
+    return fmt, vectors[0]
+
+
 def open_source(folder: str, input_format: str, column: str = "embedding") -> Source:
     """List and check the input parts. Raises InputError before any work when the input is bad."""
     if not storage.exists(folder):
         raise InputError(f"the embeddings folder {folder} does not exist", hint="--embeddings-folder")
+    if input_format == "auto" or column is None:
+        input_format, column = detect_input(folder, input_format, column)
     if input_format == "embeddings":
         return _open_embeddings(folder)
     if input_format == "npy":
@@ -250,7 +304,21 @@ def load_queries(path: str, dim: int) -> np.ndarray:
         raise InputError(
             f"tuning queries {path} have shape {shape}, expected [n, {dim}]", hint="--tuning-queries"
         )
-    q = np.concatenate(list(_npy_batches(path, 1 << 20))) if shape[0] else np.zeros((0, dim), np.float32)
-    good = np.isfinite(q).all(axis=1) & (np.linalg.norm(q, axis=1) > 0)
-    q = q[good]
-    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    if shape[0] < 10:
+        raise InputError(
+            f"tuning queries {path} hold {shape[0]} rows; tune on at least 10", hint="--tuning-queries"
+        )
+    q = np.concatenate(list(_npy_batches(path, 1 << 20)))
+    bad = ~np.isfinite(q).all(axis=1)
+    if bad.any():
+        raise InputError(
+            f"tuning queries {path}: {int(bad.sum())} of {len(q)} rows hold NaN or infinite values "
+            f"(first: row {int(np.flatnonzero(bad)[0])})",
+            hint="--tuning-queries",
+        )
+    norms = np.linalg.norm(q, axis=1)
+    if (norms == 0).any():
+        raise InputError(
+            f"tuning queries {path}: {int((norms == 0).sum())} rows are all zero", hint="--tuning-queries"
+        )
+    return (q / norms[:, None]).astype(np.float32)

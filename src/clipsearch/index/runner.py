@@ -7,16 +7,17 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from clipsearch import storage
 from clipsearch.distribute import distribute
 from clipsearch.errors import IndexBuildError, InputError, OutputExistsError, UnitFailedError
-from clipsearch.index import build
+from clipsearch.index import build, rotation
 from clipsearch.index.config import IndexConfig, format_memory
 from clipsearch.index.plan import Plan, plan_index, train_points
-from clipsearch.index.readers import load_queries, open_source
+from clipsearch.index.readers import detect_input, load_queries, open_source
 from clipsearch.index.tune import tune
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def build_index(cfg: IndexConfig) -> dict:
     t_start = time.perf_counter()
     faiss.omp_set_num_threads(cfg.threads)
     resume = _check_output(cfg.index_folder)
+    fmt, column = detect_input(cfg.embeddings_folder, cfg.input_format, cfg.embedding_column)
+    cfg = replace(cfg, input_format=fmt, embedding_column=column)
     source = open_source(cfg.embeddings_folder, cfg.input_format, cfg.embedding_column)
     n_total = source.total_rows
     if n_total == 0:
@@ -119,18 +122,25 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
             sc.bad["nan"],
             sc.bad["zero"],
         )
-    queries = _tuning_queries(sc, modalities, tuning_q)
+    queries = _tuning_queries(sc, modalities, tuning_q, cfg.clip_model or source.model)
     np.savez(
         os.path.join(work, build.PARTS_DIR, "queries.npz"),
         **{m: np.concatenate([q["cross"], q["same"]]) for m, q in queries.items()},
     )
 
-    # 2. train on the sample drawn across all parts
+    # 2. rotate or not (decided on the sample), then train on the sample drawn across all parts
     t0 = time.perf_counter()
+    rotations: dict[str, dict] = {}
     for m in modalities:
         path = os.path.join(work, f"{m}.trained.index")
-        if not (resume and os.path.exists(path)):
-            build.train_index(plans[m].factory, d, sc.train[m], path)
+        if resume and os.path.exists(path):
+            chain, _ = build.split_transform(build.read_index(path))
+            rotations[m] = {"chosen": rotation.NAME if chain else "none", "reason": "resumed build"}
+            continue
+        choice = _rotation(cfg, plans[m], sc.train[m])
+        rotations[m] = choice.to_json()
+        timings[f"rotation_{m}_s"] = time.perf_counter() - t0
+        build.train_index(plans[m].factory, d, sc.train[m], path, rotation=choice.rotation)
     sc.train.clear()
     timings["train_s"] = time.perf_counter() - t0
 
@@ -185,13 +195,16 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
             "file": f"{m}.index",
             "factory": plans[m].factory,
             "reason": plans[m].reason,
+            "rotation": rotations[m],
             "search_params": tuned.search_params,
             "mmap": bool(mmap),
             "memory_bytes": int(size),
             "count": int(index.ntotal),
             "trained_file": f"{m}.trained.index",
             "tuning": {
+                "rule": tuned.rule,
                 "reason": tuned.reason,
+                "measured": {k: v for k, v in tuned.point.items() if k != "params"},
                 "queries_text_like": n_cross,
                 "queries_same_modality": len(queries[m]["same"]),
                 "text_like_source": queries[m]["cross_source"],
@@ -248,29 +261,83 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
     return info
 
 
-def _tuning_queries(sc, modalities, tuning_q) -> dict[str, dict]:
-    """Per index: `cross` (text-like) and `same` (same-modality) held-out queries."""
+def _rotation(cfg: IndexConfig, plan: Plan, sample: np.ndarray) -> rotation.Choice:
+    if cfg.rotation == "none":
+        return rotation.Choice(None, None, "--rotation none")
+    if cfg.rotation == rotation.NAME:
+        if rotation.sub_vector_size(plan.factory, sample.shape[1]) is None:
+            return rotation.Choice(None, None, f"{plan.factory} has no product-quantized codes to rotate for")
+        return rotation.Choice(rotation.NAME, None, f"--rotation {rotation.NAME}")
+    if cfg.index_key:
+        return rotation.Choice(None, None, "the factory was forced by --index-key")
+    return rotation.choose(plan.factory, sample, cfg.seed)
+
+
+def _tuning_queries(sc, modalities, tuning_q, model: str | None) -> dict[str, dict]:
+    """Per index: `cross` (text-like) and `same` (same-modality) held-out queries.
+
+    Text-like queries for the image index, first found first: --tuning-queries, the caption embeddings
+    of held-out samples, prompts encoded by the model's text tower; none means the budget rule
+    (tune.py). The text index is tuned on the images of held-out samples."""
     out = {}
     for m in modalities:
         other = [o for o in modalities if o != m]
-        if other:
-            cross, src = sc.queries[other[0]], f"{other[0]} embeddings of held-out samples"
-        elif tuning_q is not None:
+        if m == "image" and tuning_q is not None:
             cross, src = tuning_q, "--tuning-queries"
+        elif other:
+            cross, src = sc.queries[other[0]], f"{other[0]} embeddings of held-out samples"
         else:
-            cross, src = np.zeros((0, sc.queries[m].shape[1]), np.float32), "none"
-            logger.warning(
-                "no text-like queries to tune the %s index on (give --tuning-queries, e.g. caption "
-                "embeddings): tuning on image queries only, text recall may be much lower",
-                m,
-            )
+            cross, src = _prompt_queries(model, sc.queries[m].shape[1], len(sc.queries[m]))
         same = sc.queries[m][:N_SAME_QUERIES] if len(cross) else sc.queries[m]
         out[m] = {
-            "cross": np.ascontiguousarray(cross),
+            "cross": np.ascontiguousarray(cross, dtype=np.float32),
             "same": np.ascontiguousarray(same),
             "cross_source": src,
         }
     return out
+
+
+def _prompt_queries(model: str | None, dim: int, n: int) -> tuple[np.ndarray, str]:
+    """The shipped prompts (index/prompts.py) encoded by the model's text tower, or none (with the
+    reason) when the model is unknown or its text tower cannot be used."""
+    none = np.zeros((0, dim), np.float32)
+    if not model:
+        logger.warning(
+            "no text-like queries to tune on (no captions, no --tuning-queries, and the model is unknown: "
+            "give --clip-model): spending the query-time budget, as autofaiss does"
+        )
+        return none, "none: budget rule (no captions, no --tuning-queries, model unknown)"
+    from clipsearch.index.prompts import prompts
+
+    t0 = time.perf_counter()
+    try:
+        from clipsearch.embed.models import load_clip
+
+        encoder = load_clip(model, device="cpu")
+        texts = prompts(n)
+        q = np.asarray(encoder.encode_text(texts), dtype=np.float32)
+    except Exception as e:  # any failure of the optional tower falls back to the budget rule
+        logger.warning(
+            "cannot encode tuning prompts with the text tower of %s (%s); spending the query-time budget "
+            "instead",
+            model,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        return none, f"none: budget rule (the text tower of {model} could not be used)"
+    if q.ndim != 2 or q.shape[1] != dim:
+        logger.warning(
+            "the text tower of %s gives %s-dimensional vectors, the embeddings have %d: spending the "
+            "query-time budget instead",
+            model,
+            q.shape[-1],
+            dim,
+        )
+        return none, f"none: budget rule ({model}'s text tower has another dimension)"
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    logger.info(
+        "encoded %d tuning prompts with %s's text tower in %.1f s", len(q), model, time.perf_counter() - t0
+    )
+    return q, f"{len(q)} shipped prompts encoded by the text tower of {model}"
 
 
 def _bad_rows(source, modalities, batch_rows) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from clipsearch.errors import InputError
 from clipsearch.index.build import faiss_mod, iter_part
 from clipsearch.index.config import IndexConfig
 from clipsearch.index.metadata import write_metadata
-from clipsearch.index.readers import Source, open_source
+from clipsearch.index.readers import Source, detect_input, open_source
 from clipsearch.segments import build, layout
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def append_segment(cfg: IndexConfig) -> dict[str, Any]:
     folder = layout.check_local_index(cfg.index_folder)
     info = layout.read_info(folder)
     manifest = layout.read_manifest(folder)
+    fmt, column = detect_input(cfg.embeddings_folder, cfg.input_format, cfg.embedding_column)
+    cfg = replace(cfg, input_format=fmt, embedding_column=column)
     source = open_source(cfg.embeddings_folder, cfg.input_format, cfg.embedding_column)
     mods = _check_compatible(info, source, cfg)
     src_folder = os.path.abspath(cfg.embeddings_folder)

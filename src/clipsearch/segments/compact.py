@@ -422,7 +422,14 @@ def _build_merged(cfg, folder, info, manifest, run, dead_local, mods, d, n_live,
         if not factory:
             raise IndexBuildError(f"compact: the {m} index records no factory string to retrain")
         path = os.path.join(tmp, f"{m}.trained.index")
-        train_index(factory, d, sampler.cat(sampler.train, m, d), path)
+        rot = ((info.get("indices") or {}).get(m, {}).get("rotation") or {}).get("chosen")
+        train_index(
+            factory,
+            d,
+            sampler.cat(sampler.train, m, d),
+            path,
+            rotation=None if rot in (None, "none") else rot,
+        )
         trained[m] = path
     sampler.train.clear()
     timings["train_s"] = time.perf_counter() - t0

@@ -1,0 +1,170 @@
+"""What the index is tuned on when the user has no text queries, and plain folders without a format option."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipsearch.cli import main
+from clipsearch.errors import InputError
+from clipsearch.index import IndexConfig, build_index
+from clipsearch.index.build import apply_search_params, read_index
+
+from .conftest import clip_like
+
+
+def cfg(src, out, **kw):
+    kw.setdefault("nb_cores", 1)
+    kw.setdefault("n_tuning_queries", 200)
+    kw.setdefault("progress", False)
+    return IndexConfig(src, out, **kw)
+
+
+def text_recall(index, xb, q, k=10) -> float:
+    """recall@k of index against faiss's exact search."""
+    _, gt = faiss.knn(q, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+    _, ids = index.search(q, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, gt, strict=True)]))
+
+
+def test_bare_npy_folder_is_indexed_without_a_format_option(tmp_path):
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    img, _ = clip_like(3000, 16, seed=3)
+    np.save(folder / "0.npy", img[:2000].astype(np.float16))
+    np.save(folder / "1.npy", img[2000:])
+    out = str(tmp_path / "index")
+    rc = main(["index", "--embeddings-folder", str(folder), "--index-folder", out, "--no-progress"])
+    assert rc == 0
+    info = json.load(open(os.path.join(out, "index.json")))
+    assert info["input"]["format"] == "npy" and info["count"] == 3000
+    index = read_index(os.path.join(out, "image.index"))
+    _, ids = index.search(np.ascontiguousarray(img[2500:2501]), 1)
+    assert ids[0, 0] == 2500
+
+
+def test_parquet_folder_with_one_vector_column_needs_no_options(tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    x, _ = clip_like(1500, 8, seed=4)
+    pq.write_table(pa.table({"uid": np.arange(1500), "clip_l14": list(x)}), folder / "p.parquet")
+    info = build_index(cfg(str(folder), str(tmp_path / "index")))
+    assert info["input"]["format"] == "parquet" and info["count"] == 1500
+    table = pa.ipc.open_file(pa.memory_map(str(tmp_path / "index" / "metadata.arrow"))).read_all()
+    assert table.column("uid").to_pylist() == list(range(1500))
+
+
+def test_ambiguous_folders_get_one_line_naming_the_option(tmp_path, capsys):
+    both = tmp_path / "both"
+    both.mkdir()
+    np.save(both / "a.npy", np.ones((10, 8), np.float32))
+    pq.write_table(pa.table({"e": [[1.0] * 8] * 10}), both / "b.parquet")
+    two = tmp_path / "two"
+    two.mkdir()
+    pq.write_table(pa.table({"e": [[1.0] * 8] * 10, "f": [[1.0] * 8] * 10}), two / "b.parquet")
+    for folder, option in ((both, "--input-format"), (two, "--embedding-column")):
+        out = tmp_path / f"index-{folder.name}"
+        rc = main(["index", "--embeddings-folder", str(folder), "--index-folder", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and option in err[0], err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda q: q[:, :8], r"shape \(200, 8\), expected \[n, 16\]"),
+        (lambda q: np.where(np.arange(len(q))[:, None] == 7, np.nan, q), "1 of 200 rows hold NaN.*row 7"),
+        (lambda q: q[:5], "tune on at least 10"),
+    ],
+)
+def test_bad_tuning_queries_fail_before_any_work(tmp_path, make, match):
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    img, txt = clip_like(2000, 16, seed=5)
+    np.save(folder / "a.npy", img)
+    np.save(tmp_path / "q.npy", make(txt[:200]))
+    out = tmp_path / "index"
+    with pytest.raises(InputError, match=match):
+        build_index(cfg(str(folder), str(out), tuning_queries=str(tmp_path / "q.npy")))
+    assert not out.exists()
+
+
+def test_budget_rule_does_not_stop_at_the_same_modality_plateau(tmp_path):
+    """Image queries find their neighbours with a few candidates; text queries need many more. With
+    no text queries to tune on, the tuner must not stop where the image queries' recall plateaus."""
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    img, txt = clip_like(20000, 64, seed=6, n_clusters=200)
+    np.save(folder / "a.npy", img)
+    out = str(tmp_path / "index")
+    info = build_index(cfg(str(folder), out, index_key="PQ8x4fs,Refine(SQ8)", max_index_query_time_ms=50))
+    tuning = info["indices"]["image"]["tuning"]
+    assert tuning["rule"] == "budget" and tuning["text_like_source"].startswith("none")
+    curve = info["indices"]["image"]["curve"]
+    chosen = info["indices"]["image"]["search_params"]["k_factor"]
+    # where the old rule stopped: the cheapest point on the same-modality plateau
+    top = max(p["recall_at_10"] for p in curve)
+    plateau = min((p for p in curve if p["recall_at_10"] >= top - 0.002), key=lambda p: p["latency_ms"])
+    assert chosen > plateau["params"]["k_factor"]
+    index = read_index(os.path.join(out, "image.index"))
+    q = np.ascontiguousarray(txt[::20])
+    apply_search_params(index, info["indices"]["image"]["search_params"])
+    at_chosen = text_recall(index, img, q)
+    apply_search_params(index, plateau["params"])
+    at_plateau = text_recall(index, img, q)
+    assert at_chosen >= at_plateau + 0.05, (at_plateau, at_chosen)
+    assert at_chosen >= 0.9
+
+
+def test_prompts_encoded_by_the_models_text_tower(tmp_path):
+    """--clip-model on a bare folder: the shipped prompts, encoded by that model, are the tuning
+    queries, and the recall recorded for them is what exact search gives for those prompts."""
+    from clipsearch.embed.models import load_clip
+    from clipsearch.index.prompts import prompts
+
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    img, _ = clip_like(12000, 64, seed=7)
+    np.save(folder / "a.npy", img)
+    out = str(tmp_path / "index")
+    info = build_index(
+        cfg(
+            str(folder),
+            out,
+            clip_model="clipsearch-tiny",
+            index_key="PQ8x4fs,Refine(SQ4)",
+            n_tuning_queries=300,
+        )
+    )
+    image = info["indices"]["image"]
+    assert image["tuning"]["rule"] == "text_recall"
+    assert "prompts encoded by the text tower of clipsearch-tiny" in image["tuning"]["text_like_source"]
+    q = load_clip("clipsearch-tiny").encode_text(prompts(300)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    index = read_index(os.path.join(out, "image.index"))
+    apply_search_params(index, image["search_params"])
+    assert text_recall(index, img, q) == pytest.approx(
+        image["tuning"]["measured"]["recall_at_10_text"], abs=1e-3
+    )
+
+
+def test_text_tower_that_cannot_load_falls_back_to_the_budget_rule(tmp_path, caplog):
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    img, _ = clip_like(3000, 16, seed=8)
+    np.save(folder / "a.npy", img)
+    with caplog.at_level(logging.WARNING):
+        info = build_index(
+            cfg(str(folder), str(tmp_path / "index"), clip_model=str(tmp_path / "no-such-model"))
+        )
+    tuning = info["indices"]["image"]["tuning"]
+    assert tuning["rule"] == "budget" and "could not be used" in tuning["text_like_source"]
+    assert any("cannot encode tuning prompts" in r.message for r in caplog.records)

@@ -161,6 +161,48 @@ def text_bench_main(model: str, backend: str, seconds: str) -> None:
     print("TEXT " + json.dumps(res))
 
 
+def decode_profile(shards: Path, model: Path, limit: int = 256) -> dict:
+    """Where the preprocessing time goes, on one core: decode + resize + crop per image, for the shards' 256 px
+    JPEGs and for 1024 px ones (full decode vs the DCT-scaled draft decode the embed stage uses)."""
+    from PIL import Image
+
+    from clipsearch.embed.models import make_preprocessor
+    from clipsearch.embed.preprocess import decode_batch
+
+    pp = make_preprocessor(str(model))
+    data = []
+    for t in sorted(shards.glob("*.tar")):
+        with tarfile.open(t) as tar:
+            data += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]  # type: ignore[union-attr]
+    data = data[:limit]
+    rng = random.Random(3)
+    big = []
+    for i in range(32):
+        img = Image.effect_noise((1024, 768), 40 + i).convert("RGB").resize((1024, 768))
+        img.paste(tuple(rng.randrange(256) for _ in range(3)), (100, 100, 600, 500))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        big.append(buf.getvalue())
+
+    def per_image_ms(pp_, items: list[bytes], reps: int) -> float:
+        decode_batch(pp_, items[:4])
+        t0 = time.process_time()
+        for _ in range(reps):
+            decode_batch(pp_, items)
+        return round(1000 * (time.process_time() - t0) / (reps * len(items)), 2)
+
+    from dataclasses import replace
+
+    res = {
+        "jpeg_256px_ms": per_image_ms(pp, data, 2),
+        "jpeg_1024px_draft_ms": per_image_ms(pp, big, 2),
+        "jpeg_1024px_full_decode_ms": per_image_ms(replace(pp, draft=False), big, 2),
+        "load": loadavg(),
+    }
+    res["images_per_s_per_worker_256px"] = round(1000 / res["jpeg_256px_ms"], 1)
+    return res
+
+
 def backends_main(a: argparse.Namespace, model: Path, shards: Path, runs: Path) -> int:
     """clipsearch's backends against each other on the same shards and model (issue 19's goals)."""
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -206,6 +248,8 @@ def backends_main(a: argparse.Namespace, model: Path, shards: Path, runs: Path) 
             res = one(b, f"{b}-{r}")
             out["warm"][b].append(res)
             print("warm", b, json.dumps(res), flush=True)
+    out["decode"] = decode_profile(shards, model)
+    print("decode", json.dumps(out["decode"]), flush=True)
     for b in backends:
         p = subprocess.run([sys.executable, __file__, "--_textbench", str(model), b, str(a.text_seconds)],
                            capture_output=True, text=True, env=env)  # fmt: skip

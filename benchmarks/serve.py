@@ -593,6 +593,12 @@ def bench_reference(folder: Path, model_dir: str, work: Path, a: argparse.Namesp
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespace) -> dict:
     """clipsearch's own backends (issue 19): one server per backend on the same ViT-B/32 index, up at once,
     load runs alternating between them. The converted model is cached before the timed starts (a first start
@@ -615,15 +621,23 @@ def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespa
             load(port, "/knn", [{"text": p, "k": 10} for p in prompts(60, 99)], a.concurrency, 5)  # warm-up
         for r in range(a.rounds):
             for b in backends if r % 2 == 0 else backends[::-1]:
-                port = procs[b][1]
+                proc, port = procs[b]
                 bodies = [{"text": p, "k": 10} for p in prompts(50_000, 20 + r)]
-                out[b]["runs"].append(
-                    {**load(port, "/knn", bodies, a.concurrency, a.duration), "load": uptime()}
-                )
+                cpu0 = cpu_seconds(proc.pid)
+                run = load(port, "/knn", bodies, a.concurrency, a.duration)
+                # the server's CPU per request does not depend on how busy the machine is: 2 free cores
+                # serve at most 2 / cpu_ms_per_request (the client, on the same cores, not counted)
+                cpu_ms = 1000 * (cpu_seconds(proc.pid) - cpu0) / max(1, run["requests"])
+                run["server_cpu_ms_per_request"] = round(cpu_ms, 2)
+                run["qps_cap_2_free_cores"] = round(2000 / cpu_ms, 1) if cpu_ms > 0 else None
+                out[b]["runs"].append({**run, "load": uptime()})
                 bodies = [{"text": p, "k": 10} for p in prompts(50_000, 40 + r)]
                 out[b]["runs_c1"].append(load(port, "/knn", bodies, 1, a.duration / 2))
                 print(b, json.dumps(out[b]["runs"][-1]), flush=True)
         for b, (proc, _) in procs.items():
+            cpu = sorted(r["server_cpu_ms_per_request"] for r in out[b]["runs"])
+            out[b]["server_cpu_ms_per_request"] = cpu[len(cpu) // 2]
+            out[b]["qps_cap_2_free_cores"] = round(2000 / cpu[len(cpu) // 2], 1)
             out[b]["load"] = median_run(out[b]["runs"])
             out[b]["load_c1"] = median_run(out[b]["runs_c1"])
             out[b]["rss_loaded_mb"] = rss(proc.pid)

@@ -290,6 +290,7 @@ def test_embed_and_retrieval_on_every_backend(
     assert manifest["encoder"]["reason"]
     stats = json.loads((out / "stats" / "00000.json").read_text())
     assert stats["backend"] == backend
+    assert 0 < stats["model_s"] <= stats["duration_s"] and 0 < stats["encoder_busy"] <= 1
     import pyarrow.parquet as pq
 
     img = np.load(out / "img_emb" / "00000.npy").astype(np.float32)

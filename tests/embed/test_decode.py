@@ -29,9 +29,10 @@ def test_decode_batch_reports_bad_images() -> None:
 def test_jpeg_draft_decodes_big_images_at_reduced_scale() -> None:
     pp = ImagePreprocessor(size=(32, 32), crop=(32, 32))
     img = pp.decode(image_bytes(3, "JPEG", (400, 300)))
-    assert img.size == (100, 75)  # 1/4 scale: the largest reduction that stays >= 2x the 42x32 resize
+    assert img.size == (100, 75)  # 1/4 scale: the largest reduction that stays >= 1.5x the 42x32 resize
     assert pp.to_array(img).shape == (32, 32, 3)
-    assert pp.decode(image_bytes(3, "JPEG", (100, 100))).size == (100, 100)  # small: full decode
+    assert pp.decode(image_bytes(3, "JPEG", (100, 100))).size == (50, 50)  # 1/2: still >= 1.5x 32
+    assert pp.decode(image_bytes(3, "JPEG", (90, 90))).size == (90, 90)  # under 3x the target: full decode
 
 
 def test_pool_survives_a_crashing_decoder() -> None:

@@ -7,6 +7,10 @@ nginx via shared/bench/serve.sh on 127.0.0.1, then runs the two tools alternatel
 border, 2 processes, 64 concurrent requests per process) and reports images/s (URLs / wall time of the
 whole command), success counts and peak RSS (the sum over the process tree, sampled every 0.1 s).
 img2dataset runs from its own venv (--i2d-python; `pip install img2dataset==1.47 'numpy<2' 'pyarrow<20'`).
+
+--bbox-fraction F adds a `face_bboxes` column where a fraction F of the rows carry 1-3 boxes (each side
+5-35% of the image, seeded) and the others none, and both tools blur them (`--bbox-col face_bboxes`,
+img2dataset's `--bbox_col`), clipsearch with its default kernel unless --extra says otherwise.
 """
 
 from __future__ import annotations
@@ -96,6 +100,30 @@ def outcome_i2d(out: str) -> tuple[int, dict[str, int]]:
     return ok, dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8])
 
 
+def with_boxes(urls: str, fraction: float, work: Path) -> str:
+    """The URL list plus a face_bboxes column: `fraction` of the rows with 1-3 boxes, the rest []."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(urls)
+    r = random.Random(16)
+    boxes = []
+    for _ in range(table.num_rows):
+        row = []
+        if r.random() < fraction:
+            for _ in range(r.randint(1, 3)):
+                w, h = r.uniform(0.05, 0.35), r.uniform(0.05, 0.35)
+                x, y = r.uniform(0, 1 - w), r.uniform(0, 1 - h)
+                row.append([round(x, 4), round(y, 4), round(x + w, 4), round(y + h, 4)])
+        boxes.append(row)
+    table = table.append_column("face_bboxes", pa.array(boxes, pa.list_(pa.list_(pa.float64()))))
+    out = work / "urls_bbox.parquet"
+    pq.write_table(table, out)
+    return str(out)
+
+
 def load() -> str:
     return open("/proc/loadavg").read().split(" ", 3)[:3].__str__()
 
@@ -113,6 +141,7 @@ def main() -> int:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--extra", default="", help="extra clipsearch options, e.g. '--decode-threads 1'")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--bbox-fraction", type=float, default=0.0, help="rows with 1-3 face boxes to blur")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below (nginx, temp dirs)
 
@@ -135,6 +164,8 @@ def main() -> int:
     ).stdout.strip()
     work = Path(tempfile.mkdtemp(prefix="bench-download-"))
     urls = str(corpus / "urls.parquet")
+    if a.bbox_fraction:
+        urls = with_boxes(urls, a.bbox_fraction, work)
     ours = [
         str(ROOT / ".venv/bin/python"),
         "-m",
@@ -184,6 +215,9 @@ def main() -> int:
         "--extract_exif",
         "False",
     ]
+    if a.bbox_fraction:
+        ours += ["--bbox-col", "face_bboxes"]
+        ref += ["--bbox_col", "face_bboxes"]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     results: dict[str, list[dict]] = {"clipsearch": [], "img2dataset": []}
     try:
@@ -223,6 +257,8 @@ def main() -> int:
         subprocess.run(["sh", "-c", f"kill $(cat {pidfile})"], check=False)
     summary = {
         "n_urls": a.n,
+        "bbox_fraction": a.bbox_fraction,
+        "clipsearch_extra": a.extra,
         "processes": a.processes,
         "threads": a.threads,
         "uptime": os.popen("uptime").read().strip(),

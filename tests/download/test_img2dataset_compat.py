@@ -303,3 +303,19 @@ def test_shard_names_of_any_width_are_ours():
     """Shard names of any width are ours; other names in an output folder are still refused."""
     assert runner._OURS.match("00000000.tar") and runner._OURS.match("123.stats.json")
     assert not runner._OURS.match(f"notes-{uuid.uuid4().hex[:4]}.txt")
+
+
+def test_blur_strength_option(capsys, server, tmp_path):
+    rows = [r for r in bbox_rows(server, "t5") if r["caption"] == "one face"]
+    url_list = write_parquet(tmp_path / "urls.parquet", rows)
+    stored = {}
+    for strength in ("datacomp", "img2dataset-1.47"):
+        out = tmp_path / strength
+        argv = ["--url-list", url_list, "--output-folder", str(out), "--bbox-col", "face_bboxes"]
+        assert run_cli(capsys, *argv, "--blur-strength", strength, "--resize-mode", "no")[0] == 0
+        (image,) = read_output(out, "webdataset")[1].values()
+        stored[strength] = pixels(image)
+    face = (slice(130, 230), slice(90, 200))  # inside the box, away from its rim
+    detail = {s: a[face].std(axis=(0, 1)).mean() for s, a in stored.items()}
+    assert detail["datacomp"] < 0.5 * detail["img2dataset-1.47"]
+    assert np.abs(stored["datacomp"] - stored["img2dataset-1.47"])[:, 360:].max() <= 8  # the same elsewhere

@@ -192,6 +192,26 @@ def _pass_matrix(first: int, stop: int, n: int, kernel: np.ndarray) -> tuple[np.
     return m, lo, hi
 
 
+def _banded(m: np.ndarray, x: np.ndarray, ksize: int, axis: int = 0) -> np.ndarray:
+    """`m` (n_out x n_in, a band of `ksize` diagonals) applied along `axis` of `x` (0: rows of a 2-D x;
+    1: the middle axis of a 3-D x). A big window is done in blocks of rows, each with only the input
+    columns its band reaches, so a large kernel does not pay for the band's zeros."""
+    n_out, n_in = m.shape
+    if n_in <= 2 * ksize + 64:
+        return m @ x if axis == 0 else np.matmul(m, x)
+    step = max(64, ksize)
+    out = np.empty((n_out, x.shape[1]) if axis == 0 else (x.shape[0], n_out, x.shape[2]), np.float32)
+    for i in range(0, n_out, step):
+        block = m[i : i + step]
+        cols = np.flatnonzero(block.any(axis=0))
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        if axis == 0:
+            out[i : i + step] = block[:, lo:hi] @ x[lo:hi]
+        else:
+            out[:, i : i + step] = np.matmul(block[:, lo:hi], x[:, lo:hi])
+    return out
+
+
 def blur_array(arr: np.ndarray, boxes: Sequence[Box], strength: str = "datacomp") -> np.ndarray:
     """Blur `boxes` of an H x W x C uint8 array; returns a new array (the input when nothing changes)."""
     if not boxes:
@@ -220,8 +240,8 @@ def blur_array(arr: np.ndarray, boxes: Sequence[Box], strength: str = "datacomp"
     for x0, y0, x1, y1 in live:
         stack[y0 - iy0 : y1 - iy0, x0 - ix0 : x1 - ix0, c] = 1.0
     # vertical pass: (H_out x H_in) @ (H_in x W_in*(C+1)); horizontal pass: contract W_in
-    tmp = (ay @ stack.reshape(iy1 - iy0, -1)).reshape(oy1 - oy0, ix1 - ix0, c + 1)
-    blurred = np.matmul(ax, tmp)  # (H_out, W_out, C+1): ax (W_out x W_in) applied to each row
+    tmp = _banded(ay, stack.reshape(iy1 - iy0, -1), len(kernel)).reshape(oy1 - oy0, ix1 - ix0, c + 1)
+    blurred = _banded(ax, tmp, len(kernel), axis=1)  # (H_out, W_out, C+1)
     mask = blurred[:, :, c : c + 1]
     orig = arr[oy0:oy1, ox0:ox1].astype(np.float32)
     if orig.ndim == 2:

@@ -392,7 +392,7 @@ def _first_shard(
     ):
         logger.info("resuming the unfinished extension from shard %d", last["first_shard"])
         return int(last["first_shard"]), last
-    ends = [int(r["first_shard"]) + int(r["shards"]) for r in runs]
+    ends = [int(r["first_shard"]) + int(r.get("shards") or 0) for r in runs]
     present = shard_ids_present(cfg.output_folder) if resuming else set()
     first = max([*ends, max(present, default=-1) + 1, 0])
     entry = {

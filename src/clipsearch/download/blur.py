@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -88,7 +89,7 @@ def parse_boxes(value: object) -> tuple[Box, ...]:
             b = b.tolist()
         if not isinstance(b, list | tuple) or len(b) != 4:
             raise BoxError(f"bbox {i} is not [x0, y0, x1, y1]: {_short(b)}")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in b):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) for v in b):
             raise BoxError(f"bbox {i} has a non-numeric value: {_short(b)}")
         x0, y0, x1, y1 = (float(v) for v in b)
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
@@ -186,34 +187,108 @@ def _pass_matrix(first: int, stop: int, n: int, kernel: np.ndarray) -> tuple[np.
     r = (len(kernel) - 1) // 2
     src = _reflect101(np.arange(first, stop)[:, None] + np.arange(-r, r + 1)[None, :], n)
     lo, hi = int(src.min()), int(src.max()) + 1
-    m = np.zeros((stop - first, hi - lo), np.float32)
-    rows = np.broadcast_to(np.arange(stop - first)[:, None], src.shape)
-    np.add.at(m, (rows, src - lo), np.broadcast_to(kernel.astype(np.float32), src.shape))
-    return m, lo, hi
+    rows = stop - first
+    flat = (np.arange(rows)[:, None] * (hi - lo) + (src - lo)).ravel()
+    weights = np.broadcast_to(kernel, src.shape).ravel()
+    # taps that reflect onto the same sample add up (bincount accumulates)
+    m = np.bincount(flat, weights=weights, minlength=rows * (hi - lo)).astype(np.float32)
+    return m.reshape(rows, hi - lo), lo, hi
 
 
-def _banded(m: np.ndarray, x: np.ndarray, ksize: int, axis: int = 0) -> np.ndarray:
-    """`m` (n_out x n_in, a band of `ksize` diagonals) applied along `axis` of `x` (0: rows of a 2-D x;
-    1: the middle axis of a 3-D x). A big window is done in blocks of rows, each with only the input
-    columns its band reaches, so a large kernel does not pay for the band's zeros."""
+def _banded(m: np.ndarray, x: np.ndarray, right: bool = False) -> np.ndarray:
+    """`m @ x` (or `x @ m.T` when `right`) for a band matrix `m` (n_out x n_in), in blocks of its rows,
+    each multiplied by only the part of `x` its band reaches: a wide window does not pay for the zeros."""
     n_out, n_in = m.shape
-    if n_in <= 2 * ksize + 64:
-        return m @ x if axis == 0 else np.matmul(m, x)
-    step = max(64, ksize)
-    out = np.empty((n_out, x.shape[1]) if axis == 0 else (x.shape[0], n_out, x.shape[2]), np.float32)
+    step = 64
+    if n_in <= 2 * step:
+        return x @ m.T if right else m @ x
+    out = np.empty((x.shape[0], n_out) if right else (n_out, x.shape[1]), np.float32)
     for i in range(0, n_out, step):
         block = m[i : i + step]
         cols = np.flatnonzero(block.any(axis=0))
         lo, hi = int(cols[0]), int(cols[-1]) + 1
-        if axis == 0:
-            out[i : i + step] = block[:, lo:hi] @ x[lo:hi]
+        if right:
+            out[:, i : i + step] = x[:, lo:hi] @ block[:, lo:hi].T
         else:
-            out[:, i : i + step] = np.matmul(block[:, lo:hi], x[:, lo:hi])
+            out[i : i + step] = block[:, lo:hi] @ x[lo:hi]
     return out
 
 
+def _clusters(boxes: list[tuple[int, int, int, int]], r: int) -> list[list[tuple[int, int, int, int]]]:
+    """Boxes grouped so that the windows (box + one radius) of different groups do not meet. The
+    blurred mask of a group is zero outside its window, so the groups are blurred apart, exactly."""
+    groups = [[b] for b in boxes]
+
+    def window(g: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+        return (
+            min(b[0] for b in g) - r,
+            min(b[1] for b in g) - r,
+            max(b[2] for b in g) + r,
+            max(b[3] for b in g) + r,
+        )
+
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                a, b = window(groups[i]), window(groups[j])
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    groups[i] += groups.pop(j)
+                    merged = True
+                    break
+            if merged:
+                break
+    return groups
+
+
+def _blur_window(
+    arr: np.ndarray, out: np.ndarray, group: list[tuple[int, int, int, int]], kernel: np.ndarray
+) -> None:
+    """Blur one group of boxes of `arr` (H x W x C) into `out`, inside the group's window only.
+
+    The window is processed planar (rows, channels, columns), so that each 1-D pass is a single matrix
+    product: the horizontal one `(H*C x W_in) @ (W_in x W_out)`, the vertical one
+    `(H_out x H_in) @ (H_in x C*W_out)`."""
+    h, w, c = arr.shape
+    r = (len(kernel) - 1) // 2
+    # output window: the group's boxes grown by one radius (the blurred mask is 0 beyond it)
+    ox0, oy0 = max(0, min(b[0] for b in group) - r), max(0, min(b[1] for b in group) - r)
+    ox1, oy1 = min(w, max(b[2] for b in group) + r), min(h, max(b[3] for b in group) + r)
+    ay, iy0, iy1 = _pass_matrix(oy0, oy1, h, kernel)
+    ax, ix0, ix1 = _pass_matrix(ox0, ox1, w, kernel)
+    hi_, wi_, ho_, wo_ = iy1 - iy0, ix1 - ix0, oy1 - oy0, ox1 - ox0
+    single = len(group) == 1  # one rectangle: its blurred mask is the outer product of two 1-D blurs
+    n = c if single else c + 1
+    planes = np.empty((hi_, n, wi_), np.float32)
+    planes[:, :c] = arr[iy0:iy1, ix0:ix1].transpose(0, 2, 1)
+    if not single:
+        planes[:, c] = 0.0
+        for x0, y0, x1, y1 in group:
+            planes[y0 - iy0 : y1 - iy0, c, x0 - ix0 : x1 - ix0] = 1.0
+    tmp = _banded(ax, planes.reshape(hi_ * n, wi_), right=True)  # horizontal: (H_in*n, W_out)
+    blurred = _banded(ay, tmp.reshape(hi_, n * wo_)).reshape(ho_, n, wo_)  # vertical
+    if single:
+        x0, y0, x1, y1 = group[0]
+        my = np.zeros(hi_, np.float32)
+        my[y0 - iy0 : y1 - iy0] = 1.0
+        mx = np.zeros(wi_, np.float32)
+        mx[x0 - ix0 : x1 - ix0] = 1.0
+        mask = np.outer(ay @ my, ax @ mx)[:, None, :]
+    else:
+        mask = blurred[:, c : c + 1]
+    mixed = blurred[:, :c]
+    orig = arr[oy0:oy1, ox0:ox1].transpose(0, 2, 1)
+    mixed -= orig  # in place: img + (blurred - img) * mask
+    mixed *= mask
+    mixed += orig
+    np.rint(mixed, out=mixed)
+    np.clip(mixed, 0, 255, out=mixed)
+    out[oy0:oy1, ox0:ox1] = mixed.transpose(0, 2, 1)
+
+
 def blur_array(arr: np.ndarray, boxes: Sequence[Box], strength: str = "datacomp") -> np.ndarray:
-    """Blur `boxes` of an H x W x C uint8 array; returns a new array (the input when nothing changes)."""
+    """Blur `boxes` of an H x W (x C) uint8 array; returns a new array (the input when nothing changes)."""
     if not boxes:
         return arr
     h, w = arr.shape[:2]
@@ -223,31 +298,8 @@ def blur_array(arr: np.ndarray, boxes: Sequence[Box], strength: str = "datacomp"
     live = [(x0, y0, x1, y1) for x0, y0, x1, y1 in pboxes if x1 > x0 and y1 > y0]
     if not live or r == 0:  # an empty mask, or a one-tap kernel: the blend gives the image back
         return arr
-    # output window: the mask's bounding box grown by one radius (the blurred mask is 0 beyond it)
-    ox0 = max(0, min(b[0] for b in live) - r)
-    oy0 = max(0, min(b[1] for b in live) - r)
-    ox1 = min(w, max(b[2] for b in live) + r)
-    oy1 = min(h, max(b[3] for b in live) + r)
-    ay, iy0, iy1 = _pass_matrix(oy0, oy1, h, kernel)
-    ax, ix0, ix1 = _pass_matrix(ox0, ox1, w, kernel)
-    src = arr[iy0:iy1, ix0:ix1]
-    if src.ndim == 2:
-        src = src[:, :, None]
-    c = src.shape[2]
-    stack = np.empty((iy1 - iy0, ix1 - ix0, c + 1), np.float32)
-    stack[:, :, :c] = src
-    stack[:, :, c] = 0.0
-    for x0, y0, x1, y1 in live:
-        stack[y0 - iy0 : y1 - iy0, x0 - ix0 : x1 - ix0, c] = 1.0
-    # vertical pass: (H_out x H_in) @ (H_in x W_in*(C+1)); horizontal pass: contract W_in
-    tmp = _banded(ay, stack.reshape(iy1 - iy0, -1), len(kernel)).reshape(oy1 - oy0, ix1 - ix0, c + 1)
-    blurred = _banded(ax, tmp, len(kernel), axis=1)  # (H_out, W_out, C+1)
-    mask = blurred[:, :, c : c + 1]
-    orig = arr[oy0:oy1, ox0:ox1].astype(np.float32)
-    if orig.ndim == 2:
-        orig = orig[:, :, None]
-    mixed = orig + (blurred[:, :, :c] - orig) * mask
-    out = arr.copy()
-    region = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-    out[oy0:oy1, ox0:ox1] = region if arr.ndim == 3 else region[:, :, 0]
-    return out
+    src = arr if arr.ndim == 3 else arr[:, :, None]
+    out = src.copy()
+    for group in _clusters(live, r):  # the blurred image always comes from the original pixels
+        _blur_window(src, out, group, kernel)
+    return out if arr.ndim == 3 else out[:, :, 0]

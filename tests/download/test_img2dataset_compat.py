@@ -319,3 +319,24 @@ def test_blur_strength_option(capsys, server, tmp_path):
     detail = {s: a[face].std(axis=(0, 1)).mean() for s, a in stored.items()}
     assert detail["datacomp"] < 0.5 * detail["img2dataset-1.47"]
     assert np.abs(stored["datacomp"] - stored["img2dataset-1.47"])[:, 360:].max() <= 8  # the same elsewhere
+
+
+def test_laion_list_values():
+    """LAION's img2dataset commands pass lists the way fire reads them."""
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_arguments(parser)
+    base = ["--url-list", "laion.parquet", "--output-folder", "o"]
+    c = cli.config_from_args(
+        parser.parse_args(
+            [*base, "--save-additional-columns", '["NSFW","similarity","LICENSE"]']
+            + ["--disallowed-header-directives", "[]", "--verify-hash", "['sha256', 'sha256']"]
+        )
+    )
+    assert c.save_additional_columns == ("NSFW", "similarity", "LICENSE")
+    assert c.disallowed_header_directives == () and c.verify_hash == ("sha256", "sha256")
+    c = cli.config_from_args(
+        parser.parse_args([*base, "--save-additional-columns", "a", "b", "--verify-hash", "h", "md5"])
+    )
+    assert c.save_additional_columns == ("a", "b") and c.verify_hash == ("h", "md5")
+    with pytest.raises(Exception, match="column and an algorithm"):
+        cli.config_from_args(parser.parse_args([*base, "--verify-hash", "h"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 from typing import Any
@@ -150,9 +151,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     )
     g.add_argument(
         "--verify-hash",
-        nargs=2,
+        nargs="+",
         default=None,
-        metavar=("COL", "ALGO"),
+        metavar="COL ALGO",
         help="input column holding the expected md5|sha256|sha512 of the downloaded bytes; mismatches fail",
     )
     _flag(
@@ -230,6 +231,32 @@ def _num(args: Any, name: str, kind: type, optional: bool = False) -> Any:
         ) from None
 
 
+def _listed(values: list[str] | None) -> list[str]:
+    """Option values, with img2dataset's list spelling expanded: `--save-additional-columns
+    '["NSFW","similarity","LICENSE"]'` (LAION's command lines) means three columns, `'[]'` none."""
+    values = list(values or ())
+    if len(values) == 1 and values[0].strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(values[0].strip())
+        except (ValueError, SyntaxError):
+            parsed = None
+        if isinstance(parsed, list | tuple) and all(isinstance(v, str) for v in parsed):
+            return list(parsed)
+    return values
+
+
+def _verify_hash(values: list[str] | None) -> tuple[str, str] | None:
+    if not values:
+        return None
+    got = _listed(values)
+    if len(got) != 2:
+        raise ConfigError(
+            f"verify_hash takes a column and an algorithm, got {values!r}",
+            hint="--verify-hash COL md5|sha256|sha512",
+        )
+    return got[0], got[1]
+
+
 def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
     processes = _num(args, "processes_count", int)
     if hasattr(args, "distributor"):
@@ -253,7 +280,7 @@ def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
         input_format=args.input_format,
         url_col=args.url_col,
         caption_col=args.caption_col,
-        save_additional_columns=tuple(args.save_additional_columns or ()),
+        save_additional_columns=tuple(_listed(args.save_additional_columns)),
         bbox_col=args.bbox_col,
         blur_strength=args.blur_strength,
         output_format=args.output_format,
@@ -278,11 +305,11 @@ def config_from_args(args: Any, **overrides: Any) -> DownloadConfig:
         max_bytes=_num(args, "max_bytes", int),
         retries=_num(args, "retries", int),
         user_agent_token=args.user_agent_token,
-        disallowed_header_directives=tuple(args.disallowed_header_directives or ()),
+        disallowed_header_directives=tuple(_listed(args.disallowed_header_directives)),
         incremental_mode=args.incremental_mode,
         retry_failed=args.retry_failed,
         compute_hash=args.compute_hash,
-        verify_hash=tuple(args.verify_hash) if args.verify_hash else None,
+        verify_hash=_verify_hash(args.verify_hash),
         dedup=args.dedup,
         extract_exif=args.extract_exif,
         enable_wandb=args.enable_wandb,

@@ -128,8 +128,9 @@ def test_header_errors_and_pixel_limit():
     with pytest.raises(InputError) as e:
         plan_decode(b"GIF89a not really", HW, MAXPX)
     assert "could not be decoded" in str(e.value) and "Error" not in str(e.value)
-    with pytest.raises(InputError, match="over the 1000000 pixels limit"):
+    with pytest.raises(DecodeTooCostly, match="over the 1000000 pixels limit") as e:
         plan_decode(encoded(picture(1100, 1000), "PNG"), HW, 1_000_000)
+    assert e.value.status == 413
     data = encoded(picture(1800, 1800), "PNG")
     plan = plan_decode(data[: len(data) // 2], HW, MAXPX)  # a truncated PNG fails in the decoder
     with pytest.raises(InputError, match="could not be decoded"):

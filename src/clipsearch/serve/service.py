@@ -174,6 +174,7 @@ class ServeState:
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
+        self.decode_gate.close()
         for s in self.searchers.values():
             s.close()
 
@@ -221,11 +222,12 @@ class ServeState:
         async with self.decode_gate.admit(plan.cost):
             timings["queue"] = time.perf_counter() - t
             t = time.perf_counter()
-            img = await run_in_threadpool(decode, plan)
+            loop = asyncio.get_running_loop()
+            img = await loop.run_in_executor(self.decode_gate.executor, decode, plan)
             timings["decode"] = time.perf_counter() - t
             t = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            vec = await loop.run_in_executor(self.batcher._executor, self.encoder.encode_images, [img])
+            # on the gate's threads too, not the text encoder's: image queries never delay text batches
+            vec = await loop.run_in_executor(self.decode_gate.executor, self.encoder.encode_images, [img])
             timings["encode"] = time.perf_counter() - t
         return np.asarray(vec, dtype=np.float32)[0]
 

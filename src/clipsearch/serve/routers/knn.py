@@ -27,12 +27,16 @@ _FORM_LISTS = {"columns"}
 _FORM_JSON = {"embedding"}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "bad input (unreadable image, unknown column, bad filter, ...)"},
-    403: {"description": "image_url refused (private address)"},
+    400: {
+        "description": "bad input (unreadable image, unknown column, bad filter, a filter or dedup limit, ...)"
+    },
+    403: {"description": "image_url refused (its host has no public address)"},
     404: {"description": "unknown index"},
-    413: {"description": "body or image too large"},
+    408: {"description": "image_url took too long"},
+    413: {"description": "body, image, pixels or decode memory over the limits"},
     415: {"description": "unsupported content type"},
     422: {"description": "invalid request fields"},
+    503: {"description": "too many image queries waiting to be decoded (see Retry-After)"},
 }
 
 

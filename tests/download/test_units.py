@@ -154,3 +154,19 @@ def test_tfrecord_example_roundtrip():
         "neg": -3,
         "f": 0.5,
     }
+
+
+def test_in_order_release_spills_past_its_memory_cap():
+    got = []
+    order = writers._InOrder(lambda k, d: got.append((k, d)), cap=10)
+    order.expect(["a", "b", "c", "d", "e"])
+    order.put("c", b"cccccc")
+    order.put("e", b"eeeeee")  # over the cap: the last to be released goes to the spool file
+    assert order._spool is not None and "e" in order._spool and got == []
+    order.put("b", None)  # a failed row: nothing to store, but its turn passes
+    order.put("a", b"a")
+    assert got == [("a", b"a"), ("c", b"cccccc")]
+    order.put("d", b"d")
+    assert got[-2:] == [("d", b"d"), ("e", b"eeeeee")]
+    order.finish()
+    assert order._spool is None

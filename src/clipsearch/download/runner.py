@@ -78,6 +78,8 @@ def run_shard(shard: reader.Shard, cfg: DownloadConfig, progress: Any = None, se
         writers.open_writer(cfg, shard.shard_id, extras) as w,
         blur.single_threaded_blas(cfg.bbox_col is not None),
     ):
+        # every key of the shard, so that the writer can lay the samples out in key order as they come
+        w.expect(old.column("key").to_pylist() if old is not None else [r["key"] for r in rows])
         if old is not None:
             _carry_over(w, old, {r["key"] for r in rows}, cfg, tally)
         asyncio.run(_download(rows, w, cfg, tally, progress, seen))

@@ -101,14 +101,15 @@ class ShardWriter(Protocol):
 
 
 class _Spool:
-    """Payloads by key in a local temporary file, so that a shard is written in key order whatever order
-    its downloads complete in (the same bytes on every run, and after a resume) without holding the
-    images in memory."""
+    """Payloads by key in a local temporary file."""
 
     def __init__(self) -> None:
         self._f = tempfile.TemporaryFile(prefix="clipsearch-shard-")
         self._at: dict[str, tuple[int, int]] = {}
         self._end = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._at
 
     def put(self, key: str, data: bytes) -> None:
         self._f.seek(self._end)
@@ -116,10 +117,8 @@ class _Spool:
         self._at[key] = (self._end, len(data))
         self._end += len(data)
 
-    def get(self, key: str) -> bytes | None:
-        at = self._at.get(key)
-        if at is None:
-            return None
+    def pop(self, key: str) -> bytes:
+        at = self._at.pop(key)
         self._f.seek(at[0])
         return self._f.read(at[1])
 
@@ -127,12 +126,82 @@ class _Spool:
         self._f.close()
 
 
-class _Base:
-    """Buffers metadata rows (small) and the stored payloads (in a spool file), and writes the shard's
-    files in key order on close: `{shard}.parquet` last."""
+class _InOrder:
+    """Releases payloads in key order, whatever order the downloads complete in, so that a shard is the
+    same bytes on every run (and after a resume). Rows are fetched in order, so few wait: those that do
+    are kept in memory up to `cap` bytes, the rest (behind a slow server, say) in a spool file."""
 
-    #: whether the format stores payloads (the dummy output stores none)
-    _spooled = True
+    def __init__(self, emit: Any, cap: int = 64 << 20, emit_none: bool = False):
+        self._emit = emit
+        self._cap = cap
+        self._emit_none = emit_none  # also release rows without a payload (parquet output: every row)
+        self._order: list[str] = []
+        self._pos = 0
+        self._mem: dict[str, bytes | None] = {}
+        self._mem_bytes = 0
+        self._spool: _Spool | None = None
+
+    def expect(self, keys: list[str]) -> None:
+        """The shard's keys, all of them (each is then `put` once, with a payload or None)."""
+        self._order = sorted(keys)
+        self._release()
+
+    def put(self, key: str, payload: bytes | None) -> None:
+        self._mem[key] = payload
+        self._mem_bytes += len(payload or b"")
+        self._release()
+        while self._mem_bytes > self._cap:  # spill the one that will be released last
+            far = max(k for k, v in self._mem.items() if v is not None)
+            data = self._mem.pop(far) or b""
+            self._mem_bytes -= len(data)
+            if self._spool is None:
+                self._spool = _Spool()
+            self._spool.put(far, data)
+
+    def _take(self, key: str) -> tuple[bool, bytes | None]:
+        if key in self._mem:
+            data = self._mem.pop(key)
+            self._mem_bytes -= len(data or b"")
+            return True, data
+        if self._spool is not None and key in self._spool:
+            return True, self._spool.pop(key)
+        return False, None
+
+    def _release(self) -> None:
+        while self._pos < len(self._order):
+            found, data = self._take(self._order[self._pos])
+            if not found:
+                return
+            if data is not None or self._emit_none:
+                self._emit(self._order[self._pos], data)
+            self._pos += 1
+
+    def finish(self) -> None:
+        """Release what is left, in key order (keys never put are skipped)."""
+        rest = set(self._order[self._pos :]) | set(self._mem)
+        if self._spool is not None:
+            rest |= set(self._spool._at)
+        for key in sorted(rest):
+            found, data = self._take(key)
+            if found and (data is not None or self._emit_none):
+                self._emit(key, data)
+        self._pos = len(self._order)
+        self.close()
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+class _Base:
+    """Buffers metadata rows (small) and writes `{shard}.parquet` sorted by key on close. Formats that
+    store payloads get them in key order through `_InOrder` (call `expect` with the shard's keys)."""
+
+    #: whether the format stores payloads in order (the dummy and files outputs do not need to)
+    _ordered = True
+    #: whether every row, stored image or not, goes through `_emit` (parquet output)
+    _every_row = False
 
     def __init__(self, folder: str, shard_id: int, cfg: DownloadConfig, extras: pa.Schema | None):
         self.folder, self.shard_id, self.cfg = folder, shard_id, cfg
@@ -140,53 +209,55 @@ class _Base:
         self.schema = meta_schema(cfg, extras)
         self.ext = cfg.encode_format
         self.rows: list[dict[str, Any]] = []
+        self._meta: dict[str, dict[str, Any]] = {}
         self._files: list[_AtomicFile] = []
-        self._spool = _Spool() if self._spooled else None
+        self._order = _InOrder(self._emit, emit_none=self._every_row) if self._ordered else None
 
     def _open(self, name: str) -> _AtomicFile:
         f = _AtomicFile(storage.join(self.folder, name))
         self._files.append(f)
         return f
 
+    def expect(self, keys: list[str]) -> None:
+        if self._order is not None:
+            self._order.expect(keys)
+
     def write(self, sample: Sample) -> None:
         self.rows.append(sample.meta)
-        if sample.image is not None and self._spool is not None:
-            self._spool.put(sample.key, self._payload(sample))
+        if self._order is not None:
+            self._meta[sample.key] = sample.meta
+            self._order.put(sample.key, None if sample.image is None else self._payload(sample))
 
     def _payload(self, sample: Sample) -> bytes:
-        """What the spool keeps for a stored sample (the image bytes unless a format says otherwise)."""
+        """What is kept for a stored sample until its turn (the image bytes unless a format says otherwise)."""
         return sample.image or b""
+
+    def _emit(self, key: str, payload: bytes) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
         """--retry-failed: keep these metadata rows of the previous version of this shard, and its stored
         images except those of the `redo` keys (which are being fetched again)."""
         self.rows.extend(rows)
+        for r in rows:
+            self._meta[r["key"]] = r
 
     def _previous(self, suffix: str) -> tuple[Any, str]:
         return storage.get_fs(storage.join(self.folder, f"{self.name}{suffix}"))
 
-    def _stored(self) -> Iterator[tuple[dict[str, Any], bytes]]:
-        """(metadata row, payload) of every stored sample, in key order."""
-        assert self._spool is not None
-        for r in self.rows:
-            data = self._spool.get(r["key"])
-            if data is not None:
-                yield r, data
-
     def _finish(self) -> None:
-        """Write the format-specific files (before the metadata parquet is written)."""
+        """Complete the format-specific files (before the metadata parquet is written)."""
 
     def close(self) -> None:
         self.rows.sort(key=lambda r: r["key"])
         try:
+            if self._order is not None:
+                self._order.finish()
             self._finish()
             self._write_meta()
         except BaseException:
             self.abort()
             raise
-        finally:
-            if self._spool is not None:
-                self._spool.close()
         for f in self._files:
             f.commit()
 
@@ -196,10 +267,10 @@ class _Base:
         pq.write_table(table, f.f, compression="zstd")
 
     def abort(self) -> None:
+        if self._order is not None:
+            self._order.close()
         for f in self._files:
             f.abort()
-        if self._spool is not None:
-            self._spool.close()
 
     def __enter__(self) -> _Base:
         return self
@@ -219,39 +290,56 @@ class WebDatasetWriter(_Base):
     """`{shard}.tar` with `{key}.{ext}`, `{key}.txt`, `{key}.json` per successful sample, in key order.
     Member times are fixed, so the same shard gives the same bytes."""
 
-    def _add(self, tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        self._tarfile = self._open(f"{self.name}.tar")
+        self._tar = tarfile.open(fileobj=self._tarfile.f, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = TAR_MTIME
         info.mode = 0o644
-        tar.addfile(info, io.BytesIO(data))
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def _emit(self, key: str, image: bytes) -> None:
+        meta = self._meta.pop(key)
+        self._add(f"{key}.{self.ext}", image)
+        self._add(f"{key}.txt", (meta.get("caption") or "").encode())
+        self._add(f"{key}.json", _json_meta(meta))
 
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
         super().carry_over(rows, redo)
-        assert self._spool is not None
+        assert self._order is not None
+        kept = {r["key"] for r in rows}
         fs, p = self._previous(".tar")
         suffix = f".{self.ext}"
+        seen = set()
         with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as old:
             for m in old:
                 key = m.name.split(".", 1)[0]
-                if m.isfile() and m.name.endswith(suffix) and key not in redo:
+                if m.isfile() and m.name.endswith(suffix) and key in kept:
                     data = old.extractfile(m)
-                    self._spool.put(key, data.read() if data else b"")
+                    self._order.put(key, data.read() if data else b"")
+                    seen.add(key)
+        for key in kept - seen:  # a failed row: nothing stored
+            self._order.put(key, None)
 
     def _finish(self) -> None:
-        f = self._open(f"{self.name}.tar")
-        with tarfile.open(fileobj=f.f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for meta, image in self._stored():
-                key = meta["key"]
-                self._add(tar, f"{key}.{self.ext}", image)
-                self._add(tar, f"{key}.txt", (meta.get("caption") or "").encode())
-                self._add(tar, f"{key}.json", _json_meta(meta))
+        self._tar.close()
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        except Exception:
+            logger.debug("tar close failed on abort")
+        super().abort()
 
 
 class FilesWriter(_Base):
     """`{shard}/{key}.{ext,txt,json}`; each file committed as it is written (order does not matter)."""
 
-    _spooled = False
+    _ordered = False
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
@@ -282,30 +370,47 @@ class FilesWriter(_Base):
 
 
 class ParquetWriter(_Base):
-    """`{shard}.parquet` with the metadata columns and the image bytes in a `{ext}` binary column, rows in
-    key order, written in row groups from the spool (the images are never all in memory)."""
+    """`{shard}.parquet` with the metadata columns and the image bytes in a `{ext}` binary column, one row
+    per input row in key order, streamed in row groups (the images are never all in memory)."""
 
     _GROUP = 256
+    _every_row = True
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self.schema = self.schema.append(pa.field(self.ext, pa.binary()))
+        self._pf = self._open(f"{self.name}.parquet")
+        self._pw = pq.ParquetWriter(self._pf.f, self.schema, compression="zstd")
+        self._group: list[dict[str, Any]] = []
+
+    def _emit(self, key: str, image: bytes | None) -> None:
+        self._group.append({**self._meta.pop(key), self.ext: image})
+        if len(self._group) >= self._GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._group:
+            self._pw.write_table(pa.Table.from_pylist(self._group, schema=self.schema))
+            self._group = []
 
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
-        assert self._spool is not None
+        assert self._order is not None
         for r in rows:
             image = r.pop(self.ext, None)
             self.rows.append(r)
-            if image is not None:
-                self._spool.put(r["key"], image)
+            self._meta[r["key"]] = r
+            self._order.put(r["key"], image)
 
     def _write_meta(self) -> None:
-        assert self._spool is not None
-        f = self._open(f"{self.name}.parquet")
-        with pq.ParquetWriter(f.f, self.schema, compression="zstd") as pw:
-            for i in range(0, max(len(self.rows), 1), self._GROUP):
-                group = [{**r, self.ext: self._spool.get(r["key"])} for r in self.rows[i : i + self._GROUP]]
-                pw.write_table(pa.Table.from_pylist(group, schema=self.schema))
+        self._flush()
+        self._pw.close()
+
+    def abort(self) -> None:
+        try:
+            self._pw.close()
+        except Exception:
+            logger.debug("parquet close failed on abort")
+        super().abort()
 
 
 class TFRecordWriter(_Base):
@@ -315,6 +420,10 @@ class TFRecordWriter(_Base):
     (strings as bytes_list, integers as int64_list, floats as float_list; nulls left out).
     """
 
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        self._tf = self._open(f"{self.name}.tfrecord")
+
     def _payload(self, sample: Sample) -> bytes:
         feats: dict[str, Any] = {self.ext: sample.image or b"", "txt": sample.meta.get("caption") or ""}
         for k, v in sample.meta.items():
@@ -322,27 +431,30 @@ class TFRecordWriter(_Base):
                 feats[k] = v
         return encode_example(feats)
 
+    def _emit(self, key: str, record: bytes) -> None:
+        self._meta.pop(key, None)
+        write_tfrecord(self._tf.f, record)
+
     def carry_over(self, rows: list[dict[str, Any]], redo: set[str]) -> None:
         super().carry_over(rows, redo)
-        assert self._spool is not None
+        assert self._order is not None
+        kept = {r["key"] for r in rows}
         fs, p = self._previous(".tfrecord")  # failed rows have no record
         with fs.open(p, "rb") as f:
             for record in read_tfrecords(f):
                 key = example_key(record)
-                if key is not None and key not in redo:
-                    self._spool.put(key, record)
-
-    def _finish(self) -> None:
-        f = self._open(f"{self.name}.tfrecord")
-        for _, record in self._stored():
-            write_tfrecord(f.f, record)
+                if key in kept:
+                    self._order.put(key, record)
+                    kept.discard(key)
+        for key in kept:
+            self._order.put(key, None)
 
 
 class DummyWriter(_Base):
     """img2dataset's `dummy` output: no images, only `{shard}.parquet` (and the stats file), to measure
     the download and decode path alone."""
 
-    _spooled = False
+    _ordered = False
 
 
 WRITERS: dict[str, type[_Base]] = {

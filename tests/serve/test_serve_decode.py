@@ -20,10 +20,9 @@ from clipsearch.serve.decode import (
     DecodeTooCostly,
     decode,
     plan_decode,
-    shortest_edge,
 )
 
-HW = shortest_edge(224)
+HW = ImagePreprocessor()  # CLIP's: 224 px shortest edge, centre crop
 MAXPX = 40_000_000
 
 
@@ -114,12 +113,17 @@ def test_large_jpeg_decodes_like_the_embed_stage(big):
     for progressive in (False, True):
         data = encoded(big, "JPEG", quality=90, progressive=progressive)
         plan = plan_decode(data, HW, MAXPX)
-        assert plan.path == "jpeg-draft" and plan.draft == (2 * 298, 2 * 224)
+        assert plan.path == "jpeg-draft" and plan.draft == (447, 336)  # >= 1.5x the 298 x 224 resize
         img = decode(plan)
-        assert img.size == (600, 450)  # libjpeg's 1/4 scale: the smallest at least (596, 448)
+        assert img.size == (600, 450)  # libjpeg's 1/4 scale: the smallest at least (447, 336)
         assert np.array_equal(np.asarray(img), np.asarray(ImagePreprocessor().decode(data)))
         coefficients = 2400 * 1800 * 2 * 1.5  # 4:2:0: Y plus two quarter-size chroma planes
         assert (plan.cost >= coefficients) == progressive  # libjpeg holds a progressive image whole
+    for w, h in ((1000, 750), (700, 2100), (4000, 700)):  # near the 3x threshold, and tall or wide
+        data = encoded(picture(w, h), "JPEG", quality=85)
+        plan = plan_decode(data, HW, MAXPX)
+        assert plan.draft == HW.jpeg_draft_size(h, w), (w, h)
+        assert np.array_equal(np.asarray(decode(plan)), np.asarray(ImagePreprocessor().decode(data))), (w, h)
 
 
 def test_header_errors_and_pixel_limit():
@@ -140,13 +144,14 @@ def test_header_errors_and_pixel_limit():
 _MEMORY_SCRIPT = """
 import io, json, resource, sys
 from PIL import Image
-from clipsearch.serve.decode import decode, plan_decode, shortest_edge
+from clipsearch.embed.preprocess import ImagePreprocessor
+from clipsearch.serve.decode import decode, plan_decode
 data = open(sys.argv[1], "rb").read()
 warm = io.BytesIO(); Image.new("RGB", (1000, 1000)).save(warm, "PNG")
-assert plan_decode(warm.getvalue(), shortest_edge(224), 40_000_000).path == "vips-png"
-decode(plan_decode(warm.getvalue(), shortest_edge(224), 40_000_000))  # libvips' one-time start-up
+assert plan_decode(warm.getvalue(), ImagePreprocessor(), 40_000_000).path == "vips-png"
+decode(plan_decode(warm.getvalue(), ImagePreprocessor(), 40_000_000))  # libvips' one-time start-up
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-plan = plan_decode(data, shortest_edge(224), 40_000_000)
+plan = plan_decode(data, ImagePreprocessor(), 40_000_000)
 out = decode(plan)
 print(json.dumps({"size": out.size, "path": plan.path, "cost": plan.cost,
                   "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))

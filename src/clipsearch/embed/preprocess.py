@@ -63,6 +63,17 @@ class ImagePreprocessor:
             return s, max(1, int(s * w / h))
         return max(1, int(s * h / w)), s
 
+    def jpeg_draft_size(self, h: int, w: int) -> tuple[int, int] | None:
+        """(w, h) to ask of a JPEG's draft mode, or None to decode it whole. The serve stage decodes query
+        images with the same rule, so a query image gets the pixels its indexed copy got."""
+        th, tw = self._resize_hw(h, w)
+        if h >= 3 * th and w >= 3 * tw:
+            # DCT-domain downscale (1/2, 1/4, 1/8) to >= 1.5x the target: half to most of the decode saved,
+            # and the model's own filter still does the final resize. Measured against a full decode:
+            # ViT-B/32 cosine 1.0000 at 1024x768 (decode 9.1 -> 4.3 ms)
+            return -(-3 * tw // 2), -(-3 * th // 2)
+        return None
+
     # -- worker side: bytes -> PIL -> uint8 array -------------------------------------------------------
     def decode(self, data: bytes) -> Image.Image:
         """Decode image bytes to RGB; raises on corrupt or truncated data."""
@@ -70,12 +81,9 @@ class ImagePreprocessor:
             warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are not errors
             img = Image.open(io.BytesIO(data))
             if self.draft and img.format == "JPEG":
-                th, tw = self._resize_hw(img.height, img.width)
-                if img.height >= 3 * th and img.width >= 3 * tw:
-                    # DCT-domain downscale (1/2, 1/4, 1/8) to >= 1.5x the target: half to most of the
-                    # decode saved, and the model's own filter still does the final resize. Measured
-                    # against a full decode: ViT-B/32 cosine 1.0000 at 1024x768 (decode 9.1 -> 4.3 ms)
-                    img.draft("RGB", (-(-3 * tw // 2), -(-3 * th // 2)))
+                size = self.jpeg_draft_size(img.height, img.width)
+                if size is not None:
+                    img.draft("RGB", size)
             img.load()
             if img.mode != "RGB":
                 img = img.convert("RGBA").convert("RGB") if "transparency" in img.info else img.convert("RGB")

@@ -1,16 +1,17 @@
 """Query images decoded in bounded memory, straight to about twice the model's input size.
 
-`plan_decode(data, resize_hw, max_pixels)` reads only the header and picks a path; `DecodePlan.cost` is
+`plan_decode(data, preprocessor, max_pixels)` reads only the header and picks a path; `DecodePlan.cost` is
 the most memory that path holds at once (bytes, an upper estimate), which `DecodeGate` admits against its
 budget. `decode(plan)` then decodes:
 
-- an image less than 4x the model's input on a side is decoded whole by Pillow, as before (same pixels);
-- a larger JPEG goes through Pillow's draft mode (libjpeg's DCT scaling, 1/2 to 1/8) to >= 2x the input
-  size, as the embed stage decodes it, so a query image gets the vector its indexed copy got. libjpeg
+- a JPEG large enough for the embed stage's draft rule (`ImagePreprocessor.jpeg_draft_size`: >= 3x the
+  model's input, to >= 1.5x it) goes through Pillow's draft mode (libjpeg's DCT scaling, 1/2 to 1/8)
+  exactly as the embed stage decodes it, so a query image gets the pixels its indexed copy got. libjpeg
   keeps a progressive JPEG's coefficients for the whole image (2 bytes per sample), which the cost counts;
+- another image less than 4x the model's input on a side is decoded whole by Pillow, as before;
 - a larger non-interlaced PNG is read sequentially by libvips and shrunk by an integer factor (a box
-  filter, like Pillow's `reduce`) while it is read, so only a few rows are in memory; a larger WebP is
-  scaled inside libwebp's decoder;
+  filter, like Pillow's `reduce`) to >= 2x the input while it is read, so only a few rows are in memory; a
+  larger WebP is scaled inside libwebp's decoder;
 - anything else (GIF, BMP, TIFF, interlaced PNG, ...) is decoded whole by Pillow at its own depth (1 to 4
   bytes per pixel), then converted and reduced in strips, never copied whole.
 The model's own resize (bicubic) then takes the reduced image to its input size.
@@ -24,7 +25,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 
 from PIL import Image
 
+from clipsearch.embed.preprocess import ImagePreprocessor
 from clipsearch.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -47,25 +49,11 @@ STRIP_ROWS = 256  # rows converted at a time on the whole-frame path
 # bytes per pixel of a Pillow image in memory, by mode (RGB is stored as 4 bytes, "1" as 1)
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
-ResizeHW = Callable[[int, int], tuple[int, int]]
 
-
-def shortest_edge(size: int = 224) -> ResizeHW:
-    """The resize of a CLIP preprocessor that scales the shortest side to `size` (for encoders without one)."""
-
-    def hw(h: int, w: int) -> tuple[int, int]:
-        if h <= w:
-            return size, max(1, int(size * w / h))
-        return max(1, int(size * h / w)), size
-
-    return hw
-
-
-def resize_hw_of(encoder: Any) -> ResizeHW:
-    """(h, w) the encoder's preprocessor resizes an (h, w) image to; CLIP's 224 shortest edge otherwise."""
+def preprocessor_of(encoder: Any) -> ImagePreprocessor:
+    """The encoder's image preprocessor (its resize and JPEG draft rules); CLIP's 224 px one otherwise."""
     pp = getattr(encoder, "preprocessor", None)
-    fn = getattr(pp, "_resize_hw", None)
-    return fn if callable(fn) else shortest_edge(224)
+    return pp if isinstance(pp, ImagePreprocessor) else ImagePreprocessor()
 
 
 @dataclass
@@ -81,10 +69,10 @@ class DecodePlan:
     draft: tuple[int, int] | None = None  # (w, h) asked of the JPEG draft
 
 
-def _reduction(w: int, h: int, resize_hw: ResizeHW) -> tuple[int, int, int]:
+def _reduction(w: int, h: int, pp: ImagePreprocessor) -> tuple[int, int, int]:
     """(factor, target w, target h): reduce only when the image is >= 4x the model's resize on both sides,
-    to >= 2x it (the rule of the embed stage's JPEG draft)."""
-    th, tw = resize_hw(h, w)
+    to >= 2x it."""
+    th, tw = pp._resize_hw(h, w)
     if h >= 4 * th and w >= 4 * tw:
         return max(1, min(h // (2 * th), w // (2 * tw))), tw, th
     return 1, tw, th
@@ -105,8 +93,9 @@ def _jpeg_coefficients(img: Image.Image, w: int, h: int) -> int:
     return int(w * h * samples * 2)
 
 
-def plan_decode(data: bytes, resize_hw: ResizeHW, max_pixels: int) -> DecodePlan:
-    """Read the header of `data` and choose how to decode it; InputError when unreadable or too large."""
+def plan_decode(data: bytes, pp: ImagePreprocessor, max_pixels: int) -> DecodePlan:
+    """Read the header of `data` and choose how to decode it for the model whose preprocessor is `pp`;
+    InputError when unreadable, DecodeTooCostly when too large."""
     if not data:
         raise InputError("the image is empty")
     try:
@@ -121,14 +110,15 @@ def plan_decode(data: bytes, resize_hw: ResizeHW, max_pixels: int) -> DecodePlan
                 )
             if w < 1 or h < 1:
                 raise InputError(UNREADABLE)
-            factor, tw, th = _reduction(w, h, resize_hw)
-            if fmt == "JPEG" and factor > 1:
-                img.draft("RGB", (2 * tw, 2 * th))  # only sets libjpeg's scale; nothing is decoded
+            draft = pp.jpeg_draft_size(h, w) if fmt == "JPEG" and pp.draft else None
+            if draft is not None:  # the embed stage's rule, so that a query gets its indexed copy's pixels
+                img.draft("RGB", draft)  # only sets libjpeg's scale; nothing is decoded
                 dw, dh = img.size
                 cost = 2 * dw * dh * 4  # the decoded draft and its RGB conversion
                 if img.info.get("progressive") or img.info.get("progression"):
                     cost += _jpeg_coefficients(img, w, h)
-                return DecodePlan(data, fmt, w, h, mode, "jpeg-draft", factor, cost, (2 * tw, 2 * th))
+                return DecodePlan(data, fmt, w, h, mode, "jpeg-draft", 1, cost, draft)
+            factor, tw, th = _reduction(w, h, pp)
             out = (w // factor) * (h // factor) * 4
             if factor > 1 and fmt in ("PNG", "WEBP") and not img.info.get("interlace"):
                 sample = 2 if fmt == "PNG" and len(data) > 24 and data[24] == 16 else 1  # IHDR bit depth

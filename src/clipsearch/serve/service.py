@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from clipsearch.errors import ConfigError, InputError
 from clipsearch.segments.search import LiveIndex
 from clipsearch.serve.batching import TextBatcher
-from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, resize_hw_of
+from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, preprocessor_of
 from clipsearch.serve.dedup import near_duplicates
 from clipsearch.serve.fetch_image import fetch_image_bytes
 from clipsearch.serve.metrics import Metrics
@@ -118,7 +118,7 @@ class ServeState:
             settings.decode_queue,
             settings.decode_wait_s,
         )
-        self._resize_hw = resize_hw_of(encoder)
+        self._preprocessor = preprocessor_of(encoder)
         self.metrics.before_collect = self.refresh_gauges
         self.refresh_gauges()
 
@@ -216,7 +216,7 @@ class ServeState:
             raise InputError(
                 f"the image is {len(data)} bytes, over the {self.settings.max_image_bytes} limit"
             )
-        plan = plan_decode(data, self._resize_hw, self.settings.max_image_pixels)  # the header only
+        plan = plan_decode(data, self._preprocessor, self.settings.max_image_pixels)  # the header only
         t = time.perf_counter()
         # decodes are admitted by count and by their estimated memory (queue, then 503): see decode.py
         async with self.decode_gate.admit(plan.cost):

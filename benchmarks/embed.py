@@ -140,8 +140,11 @@ def text_bench_main(model: str, backend: str, seconds: str) -> None:
 
     from clipsearch.embed.models import load_clip
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    enc = load_clip(model, backend=backend, precision="auto" if backend != "torch" else "fp32")
+    threads = int(os.environ.get("BENCH_TEXT_THREADS", 0)) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    enc = load_clip(
+        model, backend=backend, precision="auto" if backend != "torch" else "fp32", threads=threads
+    )
     rng = random.Random(1)
     prompts = [
         " ".join(rng.choice(WORDS) for _ in range(rng.randrange(4, 12))) + f" {i}" for i in range(100000)
@@ -156,7 +159,7 @@ def text_bench_main(model: str, backend: str, seconds: str) -> None:
         lat.append(time.perf_counter() - t)
         n += 1
     wall = time.perf_counter() - t0
-    res = {"backend": enc.backend, "precision": enc.precision, "queries": n, "queries_per_s": round(n / wall, 1),
+    res = {"backend": enc.backend, "precision": enc.precision, "threads": threads, "queries": n, "queries_per_s": round(n / wall, 1),
            "p50_ms": round(1000 * statistics.median(lat), 2)}  # fmt: skip
     print("TEXT " + json.dumps(res))
 

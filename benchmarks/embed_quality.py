@@ -46,16 +46,32 @@ def corpus(folder: Path, n: int, seed: int) -> list[dict]:
     return generate_sample(folder, n, seed=seed)
 
 
+_DECODED: dict = {}
+
+
+def decoded(pp, folder: Path, rows: list[dict], batch: int) -> list[np.ndarray]:
+    """The embed stage's decode (uint8 batches), done once per preprocessing and corpus: it is the same for
+    every backend."""
+    from clipsearch.embed.preprocess import decode_batch
+
+    key = (pp, str(folder), len(rows))
+    if key not in _DECODED:
+        out = []
+        for i in range(0, len(rows), batch):
+            chunk = rows[i : i + batch]
+            arr, ok, bad = decode_batch(pp, [(folder / r["file"]).read_bytes() for r in chunk])
+            assert not bad and len(ok) == len(chunk), bad
+            out.append(arr)
+        _DECODED[key] = out
+    return _DECODED[key]
+
+
 def embed_corpus(enc, folder: Path, rows: list[dict], batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from clipsearch.embed.preprocess import decode_batch
-
     imgs, txts = [], []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        arr, ok, bad = decode_batch(enc.preprocessor, [(folder / r["file"]).read_bytes() for r in chunk])
-        assert not bad and len(ok) == len(chunk), bad
+    for i, arr in enumerate(decoded(enc.preprocessor, folder, rows, batch)):
+        chunk = rows[i * batch : (i + 1) * batch]
         imgs.append(enc.image_features(torch.from_numpy(arr)).numpy())
         txts.append(enc.encode_text([r["caption"] for r in chunk]))
     return np.concatenate(imgs), np.concatenate(txts)

@@ -293,8 +293,12 @@ def main() -> None:
     ap.add_argument("n", nargs="?", type=int)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--seed", type=int, default=1, help="the draw: use other seeds while developing")
-    ap.add_argument("--queries", type=int, default=1000, help="evaluation queries (and as many tuning queries)")
-    ap.add_argument("--embed-folder", action="store_true", help="also write an embed-stage folder with captions")
+    ap.add_argument(
+        "--queries", type=int, default=1000, help="evaluation queries (and as many tuning queries)"
+    )
+    ap.add_argument(
+        "--embed-folder", action="store_true", help="also write an embed-stage folder with captions"
+    )
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args()
     if a.list or not a.geometry:

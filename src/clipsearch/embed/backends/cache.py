@@ -29,7 +29,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 META = "meta.json"
-FORMAT = 1  # bump when what the converters write changes
+FORMAT = 2  # bump when what the converters write changes (2: ONNX int8 keeps layer 0 and the projection fp32)
 
 
 def cache_root() -> Path:

@@ -109,7 +109,9 @@ def convert_openvino(
         if precision == "int8":
             step(f"{tower} tower: int8 weights")
             import nncf
+            from nncf.common.logging.logger import set_log_level
 
+            set_log_level(logging.ERROR)  # its statistics table goes to stdout otherwise
             m = nncf.compress_weights(m)  # int8 weights, asymmetric per output channel, no data needed
         step(f"{tower} tower: saving")
         ov.save_model(m, str(folder / f"{tower}.xml"), compress_to_fp16=precision == "bf16")
@@ -184,7 +186,9 @@ def convert_onnx(
             step(f"{tower} tower: int8 dynamic quantisation")
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            # MatMul only: quantising the embedding Gather too was measured to wreck a small text tower
+            # MatMul only: quantising the embedding Gather too was measured to wreck a small text tower.
+            # The first transformer layer and the final projection stay fp32 (measured on the shipped tiny
+            # model's image tower: worst cosine 0.9984 -> 0.9992, mean 0.99987 -> 0.99994).
             with _quiet_root_logger():
                 quantize_dynamic(
                     str(out),
@@ -192,6 +196,7 @@ def convert_onnx(
                     weight_type=QuantType.QInt8,
                     per_channel=True,
                     op_types_to_quantize=["MatMul"],
+                    nodes_to_exclude=_int8_sensitive_matmuls(out),
                 )
             out.unlink()
     return {}
@@ -218,6 +223,20 @@ class _ORTRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.sess.run(None, {self.name: np.ascontiguousarray(x)})[0], dtype=np.float32)
+
+
+_FIRST_LAYER = re.compile(r"(?:layers|resblocks|layer|blocks)\.0/")
+
+
+def _int8_sensitive_matmuls(path: Path) -> list[str]:
+    """The MatMuls of the first transformer layer and the last MatMul (the projection) of an exported tower."""
+    import onnx
+
+    names = [
+        n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMul"
+    ]
+    keep = [n for n in names if _FIRST_LAYER.search(n)]
+    return keep + names[-1:]
 
 
 @contextlib.contextmanager

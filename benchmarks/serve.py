@@ -44,8 +44,9 @@ from clipsearch.serve import ServeConfig, serve
 kw = dict(indices={"bench": sys.argv[1]}, host="127.0.0.1", port=int(sys.argv[2]), web=False)
 if sys.argv[3] != "-":
     kw["clip_model"] = sys.argv[3]
-if len(sys.argv) > 4:
-    kw["backend"] = sys.argv[4]
+if len(sys.argv) > 4:  # BACKEND or BACKEND:PRECISION
+    kw["backend"], _, prec = sys.argv[4].partition(":")
+    kw["precision"] = prec or "auto"
 serve(ServeConfig(**kw))
 """
 

@@ -14,4 +14,8 @@ import tempfile  # noqa: E402
 # Converted models (OpenVINO, ONNX) are cached on disk: the suite uses its own cache, shared by the
 # subprocesses it starts, so it neither reads nor fills the user's ~/.cache/clipsearch.
 if "CLIPSEARCH_TEST_KEEP_CACHE" not in os.environ:
-    os.environ["CLIPSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipsearch-test-cache-")
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+
+    os.environ["CLIPSEARCH_CACHE_DIR"] = _cache = tempfile.mkdtemp(prefix="clipsearch-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -144,7 +144,7 @@ def main() -> None:
         build_s, peak = time.perf_counter() - t0, rss.peak
         print(f"built in {build_s:.0f}s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
 
-    from clipsearch.serve.search import IndexSearcher
+    from clipsearch.search.searcher import IndexSearcher
 
     before = PeakRSS.current()
     searcher = IndexSearcher(str(out), mmap="auto")

@@ -163,11 +163,11 @@ def run(args: argparse.Namespace) -> dict:
     import faiss
 
     from clipsearch.index import IndexConfig, build_index
+    from clipsearch.search.live import LiveIndex, open_index
     from clipsearch.segments import layout
     from clipsearch.segments.append import append_segment
     from clipsearch.segments.compact import CompactConfig, compact
     from clipsearch.segments.delete import DeleteConfig, delete_rows
-    from clipsearch.segments.search import LiveIndex, open_index
 
     w = args.workdir
     os.makedirs(w, exist_ok=True)
@@ -365,7 +365,7 @@ def bench_watch(root: str, n_files: int) -> dict:
     from clipsearch import pipeline as pl
     from clipsearch.demo.sample import generate_sample
     from clipsearch.demo.server import serve_directory
-    from clipsearch.segments.search import LiveIndex
+    from clipsearch.search.live import LiveIndex
     from clipsearch.segments.watch import Watcher
 
     shutil.rmtree(root, ignore_errors=True)

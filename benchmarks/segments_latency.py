@@ -4,7 +4,7 @@ interleaving), e.g. after a change to the search path or on a quieter machine:
     python benchmarks/segments_latency.py WORKDIR [--n-lat 400] [--out results-latency.json]
 
 With the segmented index it also times the per-segment path (each segment searched on its own, as before
-segments/fanout.py) in the same interleaving, and reports the time to open each index (for the segmented
+search/fanout.py) in the same interleaving, and reports the time to open each index (for the segmented
 one: the merge of the small segments' inverted lists).
 """
 
@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     import faiss
 
-    from clipsearch.segments.search import open_index
+    from clipsearch.search.live import open_index
 
     w = a.workdir
     folders = [os.path.join(w, "emb-base")] + sorted(
@@ -63,7 +63,7 @@ def main() -> None:
             opened[k][0].search(q, 10)  # warm: the memory-mapped codes the queries touch are read once
     seg = f"{cfg['segments'] + 1} segments"
     if seg in opened and not a.no_per_segment:
-        # the path before the shared fan-out (segments/fanout.py): each segment searched on its own
+        # the path before the shared fan-out (search/fanout.py): each segment searched on its own
         view = open_index(named[seg])
         view.fanout = {}
         view.search(q, 10)

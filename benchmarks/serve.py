@@ -377,7 +377,7 @@ def uptime() -> str:
 
 # ------------------------------------------------------------------------------------------ recall
 def filtered_recall(folder: Path, nq: int = 200) -> list[dict]:
-    from clipsearch.serve.search import IndexSearcher, exact_topk
+    from clipsearch.search.searcher import IndexSearcher, exact_topk
 
     vecs = np.load(folder / "image.vectors.npy", mmap_mode="r")
     n, d = vecs.shape

@@ -228,8 +228,8 @@ def make_metadata(path: Path, n: int) -> None:
 
 
 def bench_filters(work: Path, a: argparse.Namespace) -> dict:
-    from clipsearch.serve.filters import FilterBudgetError, FilterCache, parse_canonical
-    from clipsearch.serve.metadata import MetadataTable
+    from clipsearch.search.filters import FilterBudgetError, FilterCache, parse_canonical
+    from clipsearch.search.metadata import MetadataTable
     from clipsearch.serve.settings import ServeSettings
 
     path = work / f"meta-{a.n_filter}" / "metadata.arrow"

@@ -125,8 +125,8 @@ def read_embeddings(path: str) -> np.ndarray:
 
 def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
     """Run the batch retrieval; returns counts. `encoder` replaces the model (tests)."""
-    from clipsearch.segments.search import open_index
-    from clipsearch.serve.search import SearchParams
+    from clipsearch.search.live import open_index
+    from clipsearch.search.searcher import SearchParams
 
     t0 = time.perf_counter()
     searcher = open_index(cfg.index)  # every visible segment of an appended-to index

@@ -18,11 +18,9 @@ from clipsearch.cli import main
 from clipsearch.errors import ConfigError, InputError, OutputExistsError
 from clipsearch.interop import ImportConfig, import_index
 from clipsearch.interop.faissio import open_index, read_header
+from clipsearch.search.searcher import IndexSearcher
 
 from .conftest import DIM, N, embeddings, make_autofaiss, make_clip_retrieval
-
-search_mod = pytest.importorskip("clipsearch.serve.search", reason="the serve searcher has not landed yet")
-IndexSearcher = search_mod.IndexSearcher
 
 
 def queries(n: int = 20, seed: int = 9) -> np.ndarray:

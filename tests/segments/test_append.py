@@ -12,10 +12,10 @@ import pytest
 
 from clipsearch.cli import main
 from clipsearch.errors import InputError
+from clipsearch.search.live import SegmentedSearcher, open_index
 from clipsearch.segments import append as append_mod
 from clipsearch.segments import layout
 from clipsearch.segments.append import append_segment
-from clipsearch.segments.search import SegmentedSearcher, open_index
 
 from .helpers import build, folder_files, index_cfg, make_embeddings
 

@@ -7,11 +7,11 @@ import os
 import numpy as np
 
 from clipsearch.cli import main
+from clipsearch.search.live import open_index
 from clipsearch.segments import layout
 from clipsearch.segments.append import append_segment
 from clipsearch.segments.compact import CompactConfig, compact
 from clipsearch.segments.delete import DeleteConfig, delete_rows
-from clipsearch.segments.search import open_index
 
 from .helpers import build, folder_files, index_cfg
 

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
+from clipsearch.search.live import SegmentedSearcher, open_index
 from clipsearch.segments import layout
 from clipsearch.segments.append import append_segment
 from clipsearch.segments.compact import CompactConfig, compact
 from clipsearch.segments.delete import DeleteConfig, delete_rows
-from clipsearch.segments.search import SegmentedSearcher, open_index
 
 from .helpers import index_cfg
 

@@ -10,10 +10,11 @@ from fastapi.testclient import TestClient
 
 from clipsearch.cli import main
 from clipsearch.errors import ConfigError
-from clipsearch.segments import layout, search
+from clipsearch.search import live as search
+from clipsearch.search.live import open_index
+from clipsearch.segments import layout
 from clipsearch.segments.append import append_segment
 from clipsearch.segments.delete import DeleteConfig, delete_rows
-from clipsearch.segments.search import open_index
 from clipsearch.serve import ServeConfig, create_app
 
 from .helpers import FakeEncoder, index_cfg

@@ -1,4 +1,4 @@
-"""The shared fan-out (segments/fanout.py): segments sharing the base's trained IVF quantizer are searched
+"""The shared fan-out (search/fanout.py): segments sharing the base's trained IVF quantizer are searched
 with one coarse pass and one re-rank; the results match searching each segment on its own."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
-from clipsearch.segments import fanout
+from clipsearch.search import fanout
+from clipsearch.search.live import LiveIndex, SegmentedSearcher, open_index
+from clipsearch.search.searcher import SearchParams
 from clipsearch.segments.append import append_segment
 from clipsearch.segments.delete import DeleteConfig, delete_rows
-from clipsearch.segments.search import LiveIndex, SegmentedSearcher, open_index
-from clipsearch.serve.search import SearchParams
 
 from .helpers import build, index_cfg, make_embeddings
 

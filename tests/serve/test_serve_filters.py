@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clipsearch.serve.filters import FilterCache, FilterError, canonical, compute_bitmap, parse_filter
+from clipsearch.search.filters import FilterCache, FilterError, canonical, compute_bitmap, parse_filter
 
 
 class Table:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipsearch.errors import ClipsearchError, InputError
-from clipsearch.serve.search import IndexSearcher, SearchParams, exact_topk
+from clipsearch.search.searcher import IndexSearcher, SearchParams, exact_topk
 
 from .helpers import FakeEncoder, build_index
 
@@ -268,7 +268,7 @@ def test_hnsw_quantizer_searched_as_tuned(tmp_path, encoder):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_row_reader_matches_the_array(tmp_path, dtype):
     """Vectors are read with pread (runs of adjacent ids coalesced), not through the memory map."""
-    from clipsearch.serve.search import RowReader
+    from clipsearch.search.searcher import RowReader
 
     a = np.random.default_rng(0).standard_normal((1000, 7)).astype(dtype)
     path = str(tmp_path / "v.npy")
@@ -282,7 +282,7 @@ def test_row_reader_matches_the_array(tmp_path, dtype):
 
 
 def test_large_vectors_files_are_read_with_pread(tmp_path, encoder, monkeypatch):
-    from clipsearch.serve import search
+    from clipsearch.search import searcher as search
 
     folder = str(tmp_path / "pr")
     data = build_index(folder, n=3000, encoder=encoder, image_factory="IVF16,PQ8x4fsr", text_factory=None,

@@ -502,7 +502,7 @@ def read_index(path: str, mmap: bool = False):
 
 def quantizer_ef_search(nprobe: int) -> int:
     """efSearch of an HNSW coarse quantizer for a given nprobe: the tuner measures with it, and the
-    server searches with it (serve.search.build_search_params)."""
+    server searches with it (search.searcher.build_search_params)."""
     return max(2 * int(nprobe), 64)
 
 

@@ -57,7 +57,7 @@ def _exact_vectors(index: Any) -> np.ndarray | None:
 def _grid(index: Any) -> tuple[str, list[int]] | None:
     import faiss
 
-    from clipsearch.serve.search import _inner
+    from clipsearch.search.searcher import _inner
 
     inner = _inner(index)
     if isinstance(inner, faiss.IndexIVF):
@@ -70,7 +70,7 @@ def _grid(index: Any) -> tuple[str, list[int]] | None:
 
 
 def _sweep(index: Any, q: np.ndarray, gt: np.ndarray, key: str, values: list[int]) -> list[dict[str, Any]]:
-    from clipsearch.serve.search import SearchParams, build_search_params
+    from clipsearch.search.searcher import SearchParams, build_search_params
 
     curve: list[dict[str, Any]] = []
     for v in values:

@@ -20,7 +20,8 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from clipsearch.errors import ConfigError, InputError
-from clipsearch.segments.search import LiveIndex
+from clipsearch.search.live import LiveIndex
+from clipsearch.search.searcher import IndexSearcher, SearchParams
 from clipsearch.serve.batching import TextBatcher
 from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, preprocessor_of
 from clipsearch.serve.dedup import near_duplicates
@@ -28,7 +29,6 @@ from clipsearch.serve.fetch_image import fetch_image_bytes
 from clipsearch.serve.metrics import Metrics
 from clipsearch.serve.safety import SafetyFilter
 from clipsearch.serve.schemas import KnnRequest
-from clipsearch.serve.search import IndexSearcher, SearchParams
 from clipsearch.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)

@@ -37,8 +37,8 @@ import faiss
 import numpy as np
 
 from clipsearch.index.build import quantizer_ef_search
-from clipsearch.serve.filters import FilterBitmap
-from clipsearch.serve.search import ModalityIndex, SearchParams
+from clipsearch.search.filters import FilterBitmap
+from clipsearch.search.searcher import ModalityIndex, SearchParams
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ import numpy as np
 from clipsearch import storage
 from clipsearch.errors import ConfigError, InputError
 from clipsearch.index.build import quantizer_ef_search
-from clipsearch.serve.filters import FilterBitmap, FilterCache
-from clipsearch.serve.metadata import MetadataTable
+from clipsearch.search.filters import FilterBitmap, FilterCache
+from clipsearch.search.metadata import MetadataTable
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 
 from clipsearch.errors import InputError
+from clipsearch.search.fanout import SharedFanout
+from clipsearch.search.filters import FilterBitmap, FilterError
+from clipsearch.search.searcher import IndexSearcher, SearchParams, SearchResult
 from clipsearch.segments import layout
-from clipsearch.segments.fanout import SharedFanout
-from clipsearch.serve.filters import FilterBitmap, FilterError
-from clipsearch.serve.search import IndexSearcher, SearchParams, SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class SegmentedFilters:
         self._lock = threading.Lock()
 
     def _key(self, expression: str) -> Any:
-        from clipsearch.serve.filters import parse_canonical
+        from clipsearch.search.filters import parse_canonical
 
         return parse_canonical(expression)
 
@@ -101,7 +101,7 @@ class SegmentedFilters:
             if bm is not None:
                 self._cache.move_to_end(key)
                 return bm
-        from clipsearch.serve.filters import check_filter
+        from clipsearch.search.filters import check_filter
 
         check_filter(key, self.view.metadata.schema)  # unknown column: one error
         budgets = [s.searcher.filters.budget_s for s in self.view.segments]
@@ -130,7 +130,7 @@ class SegmentedFilters:
 
 
 def _columns(expression: str) -> set[str]:
-    from clipsearch.serve.filters import _columns_of, parse_canonical
+    from clipsearch.search.filters import _columns_of, parse_canonical
 
     return _columns_of(parse_canonical(expression))
 

@@ -8,8 +8,8 @@ Gaussian whose size follows the longest box side D over the image's boxes, and t
 `img * (1 - blurred_mask) + blurred_img * blurred_mask`, a blur that fades out at the box edges.
 
 Two kernels (`--blur-strength`):
-- `datacomp` (default): sigma = 0.1 D, kernel radius 4 sigma. DataComp's and the ImageNet face-obfuscation
-  code's choice, and img2dataset's up to 1.46: what the DataComp pools were published with.
+- `datacomp` (default): sigma = 0.1 D, kernel radius 4 sigma: the ImageNet face-obfuscation code's
+  choice, and the kernel of img2dataset's blurrer as it came with DataComp (1.47 no longer applies it).
 - `img2dataset-1.47`: the kernel img2dataset 1.47 actually applies. It sizes the kernel as 2 ceil(0.1 D) + 1
   but lets OpenCV derive sigma from that size (0.3 ((k - 1) / 2 - 1) + 0.8, about 0.03 D + 0.5, with
   OpenCV's fixed tables up to 9 taps), a weaker blur; for a byte-level match with 1.47's outputs.

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         "--blur-strength",
         default="datacomp",
         metavar=_choices(BLUR_STRENGTHS),
-        help="datacomp: sigma = 10%% of the longest box side (DataComp, img2dataset <= 1.46); "
+        help="datacomp: sigma = 10%% of the longest box side (DataComp's blurrer as first written); "
         "img2dataset-1.47: the weaker kernel img2dataset 1.47 applies, for a byte-level match",
     )
     g = parser.add_argument_group("download: output")

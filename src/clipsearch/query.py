@@ -29,6 +29,7 @@ BASE_SCHEMA = [
     ("caption", pa.string()),
     ("similarity", pa.float32()),
 ]
+KEYWORD_SCHEMA = [("score", pa.float32()), ("keyword_score", pa.float32())]  # keyword and hybrid modes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class QueryConfig:
     batch_size: int = 256
     nprobe: int | None = None
     efSearch: int | None = None
+    mode: str = "semantic"  # semantic (CLIP) | keyword (BM25 over captions) | hybrid (both, ranked as one)
+    fusion: str = "weighted"  # hybrid: weighted | rrf (clipsearch.search.hybrid)
     overwrite: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +70,15 @@ class QueryConfig:
             )
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if self.mode not in ("semantic", "keyword", "hybrid"):
+            raise ConfigError(f"mode must be semantic, keyword or hybrid, got {self.mode!r}", hint="--mode")
+        if self.fusion not in ("weighted", "rrf"):
+            raise ConfigError(f"fusion must be weighted or rrf, got {self.fusion!r}", hint="--fusion")
+        if self.mode != "semantic" and self.prompts is None:
+            raise ConfigError(
+                f"--mode {self.mode} searches caption keywords: it needs --prompts",
+                hint="--prompts FILE, or --mode semantic with --embeddings",
+            )
         from clipsearch.embed.backends.choice import check_pair
 
         check_pair(self.backend, self.precision)
@@ -138,9 +150,16 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                 hint="--columns among " + ", ".join(searcher.metadata.columns),
             )
         searcher.modality(cfg.modality)
+        if cfg.mode != "semantic":
+            from clipsearch.search.searcher import require_keywords
+
+            try:
+                require_keywords(searcher)
+            except InputError as e:
+                raise ConfigError(str(e).split(" (fix:")[0], hint=e.hint) from None
         if cfg.prompts is not None:
             labels = read_prompts(cfg.prompts)
-            if encoder is None:
+            if encoder is None and cfg.mode != "keyword":
                 from clipsearch.embed.models import load_clip
 
                 encoder = load_clip(
@@ -149,7 +168,7 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                     backend=cfg.backend,
                     precision=cfg.precision,
                 )
-            if int(encoder.dim) != searcher.dim:
+            if encoder is not None and int(encoder.dim) != searcher.dim:
                 raise ConfigError(
                     f"model {getattr(encoder, 'name', '?')} makes {encoder.dim}-d vectors, the index holds {searcher.dim}-d",
                     hint="--clip-model with the index's model",
@@ -168,20 +187,34 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
         extra_cols = [
             c for c in cfg.columns if c not in ("query", "rank", "id", "url", "caption", "similarity")
         ]
-        fields = list(BASE_SCHEMA) + [(c, searcher.metadata.column_type(c)) for c in extra_cols]
+        keyword_cols = KEYWORD_SCHEMA if cfg.mode != "semantic" else []
+        fields = (
+            list(BASE_SCHEMA) + keyword_cols + [(c, searcher.metadata.column_type(c)) for c in extra_cols]
+        )
         schema = pa.schema(fields)
         hits = 0
         with storage.atomic_open(cfg.output, "wb") as f:
             writer = pq.ParquetWriter(f, schema)
             for start in range(0, len(labels), cfg.batch_size):
                 batch_labels = labels[start : start + cfg.batch_size]
-                if vectors is None:
+                if cfg.mode == "keyword":
+                    q = None
+                elif vectors is None:
                     q = np.asarray(encoder.encode_text(batch_labels), dtype=np.float32)
                 else:
                     q = vectors[start : start + cfg.batch_size]
-                res = searcher.search(q, cfg.k, modality=cfg.modality, filter=bitmap, params=params)
-                qi, rank = np.nonzero(res.ids >= 0)
-                ids = res.ids[qi, rank]
+                extra: dict[str, Any] = {}
+                if cfg.mode == "semantic":
+                    assert q is not None
+                    res = searcher.search(q, cfg.k, modality=cfg.modality, filter=bitmap, params=params)
+                    qi, rank = np.nonzero(res.ids >= 0)
+                    ids = res.ids[qi, rank]
+                    sims = res.distances[qi, rank]
+                else:
+                    qi, rank, ids, sims, score, kw = _keyword_batch(
+                        searcher, cfg, batch_labels, q, bitmap, params
+                    )
+                    extra = {"score": score, "keyword_score": kw}
                 rows = searcher.rows(ids, meta_cols + extra_cols)
                 cols: dict[str, Any] = {
                     "query": [batch_labels[i] for i in qi],
@@ -189,7 +222,8 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                     "id": ids.astype(np.int64),
                     "url": [r.get("url") for r in rows],
                     "caption": [r.get("caption") for r in rows],
-                    "similarity": res.distances[qi, rank].astype(np.float32),
+                    "similarity": sims.astype(np.float32),
+                    **extra,
                 }
                 for c in extra_cols:
                     cols[c] = [r.get(c) for r in rows]
@@ -201,3 +235,51 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     logger.info("query: %d queries, %d hits -> %s in %.1fs", len(labels), hits, cfg.output, secs)
     return {"queries": len(labels), "hits": hits, "output": cfg.output, "seconds": secs}
+
+
+def _keyword_batch(searcher: Any, cfg: QueryConfig, labels: list[str], q: np.ndarray | None, bitmap, params):
+    """Keyword or hybrid hits of a batch of prompts, flattened like the semantic ones (similarity NaN in
+    keyword mode: no query vector)."""
+    from clipsearch.keywords.query import parse
+    from clipsearch.search import hybrid
+
+    parts: list[tuple[int, Any]] = []
+    for i, label in enumerate(labels):
+        kq = parse(label)
+        if cfg.mode == "keyword":
+            r = hybrid.keyword_search(searcher, kq, cfg.k, vec=None, modality=cfg.modality, filter=bitmap)
+        else:
+            assert q is not None
+            r = hybrid.hybrid_search(
+                searcher,
+                q[i],
+                kq,
+                cfg.k,
+                modality=cfg.modality,
+                filter=bitmap,
+                params=params,
+                fusion=cfg.fusion,
+            )
+        parts.append((i, r))
+    qi = (
+        np.concatenate([np.full(len(r.ids), i, np.int64) for i, r in parts])
+        if parts
+        else np.zeros(0, np.int64)
+    )
+    rank = np.concatenate([np.arange(len(r.ids)) for _, r in parts]) if parts else np.zeros(0, np.int64)
+
+    def cat(attr: str, dtype: Any) -> np.ndarray:
+        return (
+            np.concatenate([getattr(r, attr) for _, r in parts]).astype(dtype)
+            if parts
+            else np.zeros(0, dtype)
+        )
+
+    return (
+        qi,
+        rank,
+        cat("ids", np.int64),
+        cat("similarity", np.float32),
+        cat("score", np.float32),
+        cat("keyword", np.float32),
+    )

@@ -45,6 +45,7 @@ def test_small_set_is_exact_with_metadata_aligned(emb_folder, tmp_path):
         "image.index",
         "image.trained.index",
         "index.json",
+        "keywords",  # the caption keyword index (clipsearch.keywords)
         "metadata.arrow",
         "text.index",
         "text.trained.index",

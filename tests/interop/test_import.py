@@ -55,7 +55,13 @@ def test_clip_retrieval_folder(tmp_path, tiny_clip, factory, param, expected):
         ImportConfig(str(src), str(out), from_layout="clip-retrieval", clip_model=tiny_clip, progress=False)
     )
 
-    assert sorted(os.listdir(out)) == ["image.index", "index.json", "metadata.arrow", "text.index"]
+    assert sorted(os.listdir(out)) == [
+        "image.index",
+        "index.json",
+        "keywords",
+        "metadata.arrow",
+        "text.index",
+    ]
     written = json.loads((out / "index.json").read_text())
     assert written == json.loads(json.dumps(info))
     assert (written["format"], written["model"], written["dim"], written["count"]) == (

@@ -11,6 +11,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from clipsearch.keywords.writer import build_keyword_index
+
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star", "dog", "cat", "house", "tree"]
 RGB = {
@@ -92,13 +94,17 @@ def build_index(
     mmap: bool = False,
     model: str = "fake-clip",
     noise: float = 0.6,
+    caption_list: list[str] | None = None,
+    vector_captions: list[str] | None = None,
+    keywords: bool = False,
 ) -> dict[str, Any]:
     """Write index/ (image.index, text.index, metadata.arrow, index.json) and return the vectors used."""
     os.makedirs(folder, exist_ok=True)
     enc = encoder or FakeEncoder(dim)
     rng = np.random.default_rng(seed)
-    caps = captions(n, seed)
-    text_vecs = enc.encode_text(caps)
+    caps = caption_list if caption_list is not None else captions(n, seed)
+    # vector_captions: what the vectors are made of, when the stored captions say more than "CLIP" knows
+    text_vecs = enc.encode_text(vector_captions if vector_captions is not None else caps)
     img_vecs = _unit(text_vecs + noise * _unit(rng.standard_normal((n, dim)).astype(np.float32)))
     if duplicates:  # rows 0..duplicates-1 are the same image
         img_vecs[1:duplicates] = img_vecs[0]
@@ -147,6 +153,7 @@ def build_index(
         "metric": "inner_product",
         "count": n,
         "indices": entries,
+        "keywords": build_keyword_index(folder) if keywords else None,
     }
     with open(os.path.join(folder, "index.json"), "w") as f:
         json.dump(info, f)

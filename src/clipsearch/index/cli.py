@@ -89,6 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         "PCA rotation raises recall (docs/index.md); none; pca-balanced",
     )
     g.add_argument("--no-progress", action="store_true", help="no per-part progress lines")
+    g.add_argument(
+        "--no-text-index",
+        action="store_true",
+        help="build no keyword index of the captions (then serve and query answer only mode=semantic)",
+    )
     if not pipeline:
         distribute.add_arguments(parser)
         from clipsearch.segments.cli import add_index_arguments
@@ -114,6 +119,7 @@ def config_from_args(args: Any, **overrides: Any) -> IndexConfig:
         should_be_memory_mappable=args.should_be_memory_mappable,
         rotation=args.rotation,
         progress=not args.no_progress,
+        text_index=not getattr(args, "no_text_index", False),
     )
     if hasattr(args, "distributor"):
         kw["distributor"] = distribute.config_from_args(args)

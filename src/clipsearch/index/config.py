@@ -52,6 +52,9 @@ class IndexConfig:
     clip_model: str | None = None  # the model of bare embeddings: its text tower encodes tuning prompts
     should_be_memory_mappable: bool = False
     rotation: str = "auto"  # auto: decided on the training sample (index/rotation.py); none; pca-balanced
+    text_index: bool = (
+        True  # a keyword (BM25) index of the captions beside the faiss indices (clipsearch.keywords)
+    )
     n_tuning_queries: int = 1000
     batch_rows: int = 65536
     seed: int = 0

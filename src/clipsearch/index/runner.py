@@ -23,7 +23,7 @@ from clipsearch.index.tune import tune
 logger = logging.getLogger(__name__)
 
 # what an interrupted run of ours leaves behind; a folder holding only these is resumed
-RESUMABLE = {build.PARTS_DIR, "image.trained.index", "text.trained.index"}
+RESUMABLE = {build.PARTS_DIR, "image.trained.index", "text.trained.index", "keywords"}
 N_SAME_QUERIES = 500
 
 
@@ -231,6 +231,13 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
     if rows != n:
         raise InputError(f"metadata.arrow has {rows} rows but the indices hold {n} vectors")
     timings["metadata_s"] = time.perf_counter() - t0
+    keywords = None  # the caption keyword index (clipsearch.keywords), unless --no-text-index
+    if cfg.text_index:
+        from clipsearch.keywords.writer import build_keyword_index
+
+        t0 = time.perf_counter()
+        keywords = build_keyword_index(work, threads=cfg.threads, tmp_dir=os.path.join(work, build.PARTS_DIR))
+        timings["keywords_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     info = {
         "format": "clipsearch.index",
@@ -252,6 +259,7 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
         },
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "indices": indices,
+        "keywords": keywords,
     }
     build.cleanup_parts(work)
     storage.write_json_atomic(os.path.join(work, "index.json"), info)
@@ -367,5 +375,8 @@ def _upload(work: str, folder: str) -> None:
     names = sorted(os.listdir(work), key=lambda x: x == "index.json")  # index.json last
     for name in names:
         if name.startswith("."):
+            continue
+        if os.path.isdir(os.path.join(work, name)):  # keywords/
+            fs.put(os.path.join(work, name), p.rstrip("/") + "/" + name, recursive=True)
             continue
         fs.put_file(os.path.join(work, name), p.rstrip("/") + "/" + name)

@@ -85,6 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace a clipsearch index already in --index-folder"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-text-index",
+        action="store_true",
+        help="build no keyword index of the captions (then serve and query answer only mode=semantic)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ImportConfig:
@@ -106,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> ImportConfig:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        text_index=not args.no_text_index,
     )
 
 

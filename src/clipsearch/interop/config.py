@@ -42,6 +42,8 @@ class ImportConfig:
     device: str = "cpu"
     overwrite: bool = False
     progress: bool = True
+    #: a keyword (BM25) index of the captions beside the faiss indices, for mode=keyword|hybrid
+    text_index: bool = True
 
     def __post_init__(self) -> None:
         if not self.source:

@@ -47,6 +47,7 @@ OWN_FILES = (
     "text.ivfdata",
     "image.vectors.npy",
     "text.vectors.npy",
+    "keywords",  # the keyword index folder
 )
 #: the parameters clipsearch's searcher applies per request (formats.md, index.json search_params)
 SEARCH_PARAM_KEYS = ("nprobe", "efSearch", "k_factor")
@@ -213,6 +214,7 @@ class _Output:
             os.makedirs(self.dir, exist_ok=True)
         self.pending: list[str] = []
         self.done: list[str] = []  # names committed (locally) in order
+        self.done_dirs: list[str] = []  # folders written in place (keywords/)
         self.uploaded: list[str] = []
 
     def tmp(self, name: str) -> str:
@@ -231,6 +233,10 @@ class _Output:
     def finish(self) -> None:
         if not self.remote:
             return
+        fs, root = storage.get_fs(self.folder)
+        for name in self.done_dirs:
+            fs.put(self.path(name), f"{root.rstrip('/')}/{name}", recursive=True)
+            self.uploaded.append(name)
         order = [n for n in self.done if n != "index.json"] + [n for n in self.done if n == "index.json"]
         for name in order:
             with (
@@ -247,11 +253,13 @@ class _Output:
             _rm_local(p)
         for name in self.done:
             _rm_local(self.path(name))
+        for name in self.done_dirs:
+            shutil.rmtree(self.path(name), ignore_errors=True)
         if self.remote:
             fs, p = storage.get_fs(self.folder)
             for name in self.uploaded:
                 try:
-                    fs.rm(f"{p}/{name}")
+                    fs.rm(f"{p}/{name}", recursive=name in self.done_dirs)
                 except Exception:  # pragma: no cover - best effort
                     logger.debug("could not remove %s/%s", self.folder, name)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -276,7 +284,7 @@ def _clear_own_files(cfg: ImportConfig) -> None:
     for name in OWN_FILES:
         f = f"{p.rstrip('/')}/{name}"
         if fs.exists(f):
-            fs.rm(f)
+            fs.rm(f, recursive=name == "keywords")
     logger.info("removed the previous index in %s (--overwrite)", cfg.index_folder)
 
 
@@ -372,6 +380,13 @@ def import_index(cfg: ImportConfig) -> dict[str, Any]:
         meta_tmp = out.tmp("metadata.arrow")
         write_arrow(plan.metadata, meta_tmp, ntotal, progress=cfg.progress)
         out.commit(meta_tmp, "metadata.arrow")
+        keywords = None
+        if cfg.text_index:
+            from clipsearch.keywords.writer import DIR, build_keyword_index
+
+            keywords = build_keyword_index(out.dir)
+            if keywords is not None:
+                out.done_dirs.append(DIR)
         if cfg.queries:
             from clipsearch.interop.tune import tune_imported
 
@@ -387,6 +402,7 @@ def import_index(cfg: ImportConfig) -> dict[str, Any]:
             "metric": "inner_product",
             "count": ntotal,
             "indices": entries,
+            "keywords": keywords,
             "source": source,
         }
         opened.clear()

@@ -30,7 +30,7 @@ import pyarrow as pa
 from clipsearch.errors import InputError
 from clipsearch.search.fanout import SharedFanout
 from clipsearch.search.filters import FilterBitmap, FilterError
-from clipsearch.search.searcher import IndexSearcher, SearchParams, SearchResult
+from clipsearch.search.searcher import IndexSearcher, SearchParams, SearchResult, require_keywords
 from clipsearch.segments import layout
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,8 @@ class SegmentedSearcher:
                 self.indices[m] = SegmentedModality(m, parts, self.live)
         self.metadata = SegmentedMetadata(self)
         self.filters = SegmentedFilters(self)
+        # keyword search needs every segment's keyword index (appends and compactions build theirs)
+        self.keywords = self if all(s.searcher.keywords is not None for s in segments) else None
         # segments sharing the base's trained IVF quantizer: one coarse pass and one re-rank (fanout.py)
         self.fanout: dict[str, SharedFanout] = {}
         if len(segments) > 1:
@@ -296,6 +298,7 @@ class SegmentedSearcher:
                 for m, mi in self.indices.items()
             },
             "columns": {f.name: str(f.type) for f in self.metadata.schema},
+            "keywords": self.keywords is not None,
             "segments": [{**s.entry.to_json(), "deleted": int(len(s.dead))} for s in self.segments],
             "generation": self.generation,
             "deleted": self.deleted,
@@ -441,6 +444,43 @@ class SegmentedSearcher:
             r = s.search(q[short], k, modality=modality, filter=allow, params=p)
             d[short], i[short] = r.distances, r.ids
         return d, i, plan
+
+    # ------------------------------------------------------------------ keywords
+    def keyword_search(
+        self, q: Any, k: int, *, filter: str | SegmentedBitmap | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(global ids, BM25 scores) of the k best caption matches over every segment: each segment's index
+        is searched with its live rows (and the filter) as the allowed set, and the hits merged by score
+        (BM25 with each segment's own term statistics, as a sharded search engine does)."""
+        require_keywords(self)
+        bm: SegmentedBitmap | None = None
+        if filter is not None and filter != "":
+            bm = filter if isinstance(filter, SegmentedBitmap) else self.filter_bitmap(filter)
+        ids, scores = [], []
+        for j, seg in enumerate(self.segments):
+            if seg.live == 0:
+                continue
+            allow = bm.parts[j] if bm is not None else seg.alive
+            if bm is not None and (allow is None or allow.count == 0):
+                continue
+            i, sc = seg.searcher.keywords.search(q, int(k), allow)
+            ids.append(i + seg.offset)
+            scores.append(sc)
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        i_all, s_all = np.concatenate(ids), np.concatenate(scores)
+        order = np.argsort(-s_all, kind="stable")[: int(k)]
+        return i_all[order], s_all[order]
+
+    def keyword_stats(self, units: Sequence[Any]) -> tuple[int, list[int]]:
+        require_keywords(self)
+        n, dfs = 0, [0] * len(units)
+        for seg in self.segments:
+            kw = seg.searcher.keywords
+            n += kw.num_docs
+            for i, u in enumerate(units):
+                dfs[i] += kw.doc_freq(u)
+        return n, dfs
 
     # ------------------------------------------------------------------ vectors and rows
     def vectors(self, ids: Sequence[int] | np.ndarray, modality: str = "image") -> np.ndarray:

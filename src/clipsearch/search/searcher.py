@@ -428,6 +428,12 @@ class IndexSearcher:
         if not self.indices:
             raise InputError(f"{info_path} lists neither an image nor a text index")
         self.count = self.metadata.num_rows
+        self.keywords = None  # the caption keyword index (clipsearch.keywords), when the folder has one
+        kw = info.get("keywords")
+        if isinstance(kw, dict):
+            from clipsearch.keywords.reader import KeywordIndex
+
+            self.keywords = KeywordIndex(folder, kw, self.count)
         self.exact_max = exact_max
         self.filters = FilterCache(
             self.metadata, size=filter_cache_size, n=self.count, budget_s=filter_budget_s
@@ -477,6 +483,7 @@ class IndexSearcher:
                 for m, mi in self.indices.items()
             },
             "columns": {f.name: str(f.type) for f in self.metadata.schema},
+            "keywords": self.keywords is not None,
         }
 
     # ------------------------------------------------------------------ search
@@ -612,6 +619,24 @@ class IndexSearcher:
         out[:, :kk] = np.where(ok, ids[np.maximum(local, 0)], -1)
         return dist, out
 
+    # ------------------------------------------------------------------ keywords
+    def keyword_search(
+        self, q: Any, k: int, *, filter: str | FilterBitmap | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, BM25 scores) of the k best caption matches of a parsed keyword query, filter applied."""
+        kw = require_keywords(self)
+        bm = None
+        if filter is not None and filter != "":
+            bm = filter if isinstance(filter, FilterBitmap) else self.filter_bitmap(filter)
+            if bm.count == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return kw.search(q, int(k), bm)
+
+    def keyword_stats(self, units: Sequence[Any]) -> tuple[int, list[int]]:
+        """(captions indexed, captions matching each unit): what IDF is computed from."""
+        kw = require_keywords(self)
+        return kw.num_docs, [kw.doc_freq(u) for u in units]
+
     # ------------------------------------------------------------------ vectors and rows
     def vectors(self, ids: Sequence[int] | np.ndarray, modality: str = "image") -> np.ndarray:
         return self.modality(modality).vectors_for(np.asarray(ids, dtype=np.int64))
@@ -626,6 +651,18 @@ class IndexSearcher:
         for mi in self.indices.values():
             if mi._rows is not None:
                 mi._rows.close()
+
+
+def require_keywords(s: Any) -> Any:
+    """The keyword index of a searcher, or the 400 that says how to get one."""
+    kw = getattr(s, "keywords", None)
+    if kw is None:
+        raise InputError(
+            f"index {s.name!r} has no keyword index, so it answers only mode=semantic",
+            hint="rebuild it with `clipsearch index` (the keyword index is built unless --no-text-index), or "
+            "add one in place with `clipsearch index --text-index-only --index-folder DIR` and restart",
+        )
+    return kw
 
 
 def exact_topk(vecs: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -160,6 +160,7 @@ def append_segment(cfg: IndexConfig) -> dict[str, Any]:
         timings["write_s"] = time.perf_counter() - t0
         record = build.source_record(source, cfg.embeddings_folder, cfg.input_format, mods)
         seg_info = build.segment_info(info, entries, added, "pending", "append", timings)
+        seg_info["keywords"] = build.keyword_index(info, tmp, timings)
         _write_json(os.path.join(tmp, "index.json"), seg_info)
         layout.sync_tree(tmp)
         layout.crash_point("append:segment-written")

@@ -137,6 +137,21 @@ def index_entry(
     return e
 
 
+def keyword_index(
+    base_info: dict[str, Any], seg_dir: str, timings: dict[str, float]
+) -> dict[str, Any] | None:
+    """The keyword index of a new segment (from its metadata.arrow), when the index keeps one: the root
+    index.json says so (`keywords`), so every segment of an index built with it has its own."""
+    if not isinstance(base_info.get("keywords"), dict):
+        return None
+    from clipsearch.keywords.writer import build_keyword_index
+
+    t0 = time.perf_counter()
+    entry = build_keyword_index(seg_dir, column=str(base_info["keywords"].get("column") or "caption"))
+    timings["keywords_s"] = time.perf_counter() - t0
+    return entry
+
+
 def new_uid() -> str:
     return uuid.uuid4().hex[:12]
 

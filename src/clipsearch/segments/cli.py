@@ -24,6 +24,12 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="merge small segments, drop deleted rows; retrain only if text-query recall drifted below target",
     )
+    mode.add_argument(
+        "--text-index-only",
+        action="store_true",
+        help="add the keyword index of the captions to an index folder built without one (--no-text-index "
+        "or an older clipsearch), to every segment; restart a running server afterwards",
+    )
     g.add_argument("--compact-all", action="store_true", help="with --compact: merge every segment into one")
     g.add_argument(
         "--target-recall",
@@ -54,6 +60,12 @@ def run_index(args: Any) -> int | None:
             )
         )
         logger.info("compact: %s", json.dumps(report, default=str))
+        return 0
+    if getattr(args, "text_index_only", False):
+        from clipsearch.segments.text_index import add_text_index
+
+        report = add_text_index(args.index_folder, threads=args.nb_cores or 1)
+        logger.info("text index: %s", json.dumps(report, default=str))
         return 0
     if getattr(args, "append", False):
         from clipsearch.index.cli import config_from_args

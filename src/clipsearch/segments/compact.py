@@ -285,6 +285,8 @@ def compact(cfg: CompactConfig) -> dict[str, Any]:
                 trained[m] = os.path.join(tmp, f"{m}.trained.index")
         timings["write_s"] = time.perf_counter() - t0
         seg_info = build.segment_info(info, entries, n_live, "pending", "compact", timings)
+        if n_live:  # the merged rows' captions, in their new ids
+            seg_info["keywords"] = build.keyword_index(info, tmp, timings)
         layout.crash_point("compact:segment-written")
 
         # commit

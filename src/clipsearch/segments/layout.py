@@ -394,6 +394,9 @@ def cleanup(folder: str, manifest: Manifest, *, keep_tmp: str | None = None) -> 
             if os.path.lexists(path):
                 os.remove(path)
                 removed.append(name)
+        if os.path.isdir(os.path.join(folder, "keywords")):  # the base's keyword index
+            shutil.rmtree(os.path.join(folder, "keywords"), ignore_errors=True)
+            removed.append("keywords")
     for name in os.listdir(folder):
         if name.endswith(".trained.index") and not _trained_in(manifest, name):
             os.remove(os.path.join(folder, name))

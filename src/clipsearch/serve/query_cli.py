@@ -33,6 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     parser.add_argument("--batch-size", type=int, default=256, help="queries encoded and searched together")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: index.json)")
     parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: index.json)")
+    parser.add_argument(
+        "--mode",
+        choices=("semantic", "keyword", "hybrid"),
+        default="semantic",
+        help="semantic: CLIP; keyword: BM25 over the captions; hybrid: both ranked as one (prompts only; "
+        "adds score and keyword_score columns)",
+    )
+    parser.add_argument(
+        "--fusion",
+        choices=("weighted", "rrf"),
+        default="weighted",
+        help="how --mode hybrid ranks: IDF-weighted score sum, or reciprocal rank fusion (docs/serve.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         nprobe=args.nprobe,
         efSearch=args.ef_search,
+        mode=args.mode,
+        fusion=args.fusion,
     )
     query(cfg)
     return 0

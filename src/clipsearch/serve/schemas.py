@@ -61,6 +61,13 @@ class KnnRequest(BaseModel):
     )
     nprobe: int | None = Field(None, ge=1, le=65536, description="IVF lists to visit (default: index.json)")
     efSearch: int | None = Field(None, ge=1, le=65536, description="HNSW search depth (default: index.json)")
+    mode: Literal["semantic", "keyword", "hybrid"] = Field(
+        "semantic",
+        description="semantic: CLIP; keyword: BM25 over the captions (text queries); hybrid: both ranked as one",
+    )
+    fusion: Literal["weighted", "rrf"] = Field(
+        "weighted", description="how hybrid ranks: IDF-weighted score sum, or reciprocal rank fusion"
+    )
 
     @field_validator("embedding")
     @classmethod
@@ -81,14 +88,20 @@ class KnnRequest(BaseModel):
 
 
 class KnnResult(BaseModel):
-    """One hit: id, similarity, url, caption, then the requested metadata columns."""
+    """One hit: id, similarity, url, caption, then the requested metadata columns. Keyword and hybrid
+    modes add `score`, `keyword_score` and `highlights`."""
 
     model_config = ConfigDict(extra="allow")
 
     id: int
-    similarity: float
+    similarity: float | None = Field(description="cosine similarity (null in keyword mode: no query vector)")
     url: str | None = None
     caption: str | None = None
+    score: float | None = Field(None, description="what ranked the hit (keyword and hybrid modes)")
+    keyword_score: float | None = Field(None, description="BM25 of the caption, 0 when it does not match")
+    highlights: list[list[int]] | None = Field(
+        None, description="[start, end) code-point offsets of the caption's matched words"
+    )
 
 
 class Removed(BaseModel):
@@ -107,6 +120,11 @@ class KnnResponse(BaseModel):
     plan: str = Field(description="how the search ran: ann, exact, exact-subset, ann+filter, ...")
     filter_matches: int | None = Field(None, description="rows the filter allows")
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    mode: str = "semantic"
+    keyword_query: str | None = Field(None, description="the keyword query as understood")
+    notes: list[str] | None = Field(None, description="what the keyword parser ignored (never an error)")
+    fusion: str | None = None
+    keyword_weight: float | None = Field(None, description="lambda of the weighted fusion for this query")
 
 
 class ModalityInfo(BaseModel):
@@ -132,6 +150,7 @@ class IndexInfo(BaseModel):
     count: int = Field(description="rows served (deleted rows excluded)")
     modalities: dict[str, ModalityInfo]
     columns: dict[str, str]
+    keywords: bool = Field(False, description="whether the index answers mode=keyword and mode=hybrid")
     generation: int | None = Field(None, description="segment manifest generation (segmented indices)")
     deleted: int | None = Field(None, description="rows deleted since the last compaction")
     segments: list[SegmentInfo] | None = Field(None, description="the visible segments, in id order")
@@ -186,6 +205,8 @@ def multipart_schema(files: bool = True) -> dict[str, Any]:
         "columns": {"type": "string", "description": "comma-separated column names"},
         "nprobe": {"type": "integer", "minimum": 1, "maximum": 65536},
         "efSearch": {"type": "integer", "minimum": 1, "maximum": 65536},
+        "mode": {"type": "string", "enum": ["semantic", "keyword", "hybrid"]},
+        "fusion": {"type": "string", "enum": ["weighted", "rrf"]},
     }
     if not files:
         del props["image"]

@@ -20,8 +20,13 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from clipsearch.errors import ConfigError, InputError
+from clipsearch.keywords.highlight import highlight_spans
+from clipsearch.keywords.query import KeywordQuery
+from clipsearch.keywords.query import parse as parse_keywords
+from clipsearch.search import hybrid
+from clipsearch.search.hybrid import RankedResult
 from clipsearch.search.live import LiveIndex
-from clipsearch.search.searcher import IndexSearcher, SearchParams
+from clipsearch.search.searcher import IndexSearcher, SearchParams, require_keywords
 from clipsearch.serve.batching import TextBatcher
 from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, preprocessor_of
 from clipsearch.serve.dedup import near_duplicates
@@ -292,9 +297,25 @@ class ServeState:
         if req.filter is not None and len(req.filter) > self.settings.max_filter_chars:
             raise InputError(f"filter is longer than {self.settings.max_filter_chars} characters")
         timings: dict[str, float] = {}
-        vec = await self.query_vector(q, s, timings)
+        kq = None
+        if req.mode != "semantic":
+            if req.text is None:
+                raise InputError(
+                    f"mode={req.mode} searches caption keywords: it needs a text query",
+                    hint="text, or mode=semantic for image, image_url, embedding and id queries",
+                )
+            require_keywords(s)
+            if len(req.text) > self.settings.max_text_chars:
+                raise InputError(f"text is longer than {self.settings.max_text_chars} characters")
+            kq = parse_keywords(req.text)
+        # keyword mode needs no query vector: the text encoder is skipped
+        vec = await self.query_vector(q, s, timings) if req.mode != "keyword" else None
         params = SearchParams(nprobe=req.nprobe, efSearch=req.efSearch)
-        if self._inline(s, mi, req):
+        if req.mode != "semantic":
+            out = await run_in_threadpool(
+                self._search_page, s, mi.modality, vec, req, params, cols, timings, kq
+            )
+        elif self._inline(s, mi, req):
             # a small search costs less than two thread hand-offs: run it on the event loop's thread, which
             # leaves the other core to the encoder thread
             out = self._search_page(s, mi.modality, vec, req, params, cols, timings)
@@ -316,15 +337,42 @@ class ServeState:
             )
         return True
 
+    def _ranked(
+        self,
+        s: IndexSearcher,
+        modality: str,
+        vec: np.ndarray | None,
+        req: KnnRequest,
+        params: SearchParams,
+        n: int,
+        kq: KeywordQuery | None,
+    ) -> RankedResult:
+        """The best n rows of the request's mode, best first."""
+        if req.mode == "keyword":
+            assert kq is not None
+            return hybrid.keyword_search(s, kq, n, vec=None, modality=modality, filter=req.filter)
+        assert vec is not None
+        if req.mode == "hybrid":
+            assert kq is not None
+            return hybrid.hybrid_search(
+                s, vec, kq, n, modality=modality, filter=req.filter, params=params, fusion=req.fusion
+            )
+        res = s.search(vec.reshape(1, -1), n, modality=modality, filter=req.filter, params=params)
+        ok = res.ids[0] >= 0
+        d = res.distances[0][ok]
+        return RankedResult(res.ids[0][ok], d, d, np.full(len(d), np.nan, np.float32), res.plan, res.allowed,
+                            res.timings)  # fmt: skip
+
     def _search_page(
         self,
         s: IndexSearcher,
         modality: str,
-        vec: np.ndarray,
+        vec: np.ndarray | None,
         req: KnnRequest,
         params: SearchParams,
         cols: list[str],
         timings: dict[str, float],
+        kq: KeywordQuery | None = None,
     ) -> dict[str, Any]:
         want = req.offset + req.k
         hygiene = req.deduplicate or req.safety
@@ -335,17 +383,13 @@ class ServeState:
             if want > limit:
                 raise InputError(_hygiene_limit_message(req, limit))
             n_fetch, cap = min(n_fetch, limit), min(cap, max(limit, want))
-        q = vec.reshape(1, -1)
         while True:
             n_fetch = min(n_fetch, s.count) if s.count else n_fetch
-            res = s.search(q, max(1, n_fetch), modality=modality, filter=req.filter, params=params)
-            for key in ("search", "filter"):
+            res = self._ranked(s, modality, vec, req, params, max(1, n_fetch), kq)
+            for key in ("search", "filter", "keywords"):
                 if key in res.timings:
                     timings[key] = timings.get(key, 0.0) + res.timings[key]
-            ids = res.ids[0]
-            sims = res.distances[0]
-            ok = ids >= 0
-            ids, sims = ids[ok], sims[ok]
+            ids, sims = res.ids, res.score
             exhausted = len(ids) < n_fetch or n_fetch >= s.count
             keep = np.ones(len(ids), dtype=bool)
             unsafe_mask = np.zeros(len(ids), dtype=bool)
@@ -365,6 +409,7 @@ class ServeState:
                     keep &= ~dup_mask
                 timings["hygiene"] = timings.get("hygiene", 0.0) + time.perf_counter() - t
             kept_ids, kept_sims = ids[keep], sims[keep]
+            kept_cos, kept_kw = res.similarity[keep], res.keyword[keep]
             if len(kept_ids) >= want or exhausted:
                 break
             if n_fetch >= cap:
@@ -374,6 +419,7 @@ class ServeState:
             n_fetch = min(cap, n_fetch * 2)
         page_ids = kept_ids[req.offset : want]
         page_sims = kept_sims[req.offset : want]
+        page_cos, page_kw = kept_cos[req.offset : want], kept_kw[req.offset : want]
         more = len(kept_ids) > want or (not exhausted and len(kept_ids) >= want)
         # what was removed between the previous page's last result and this page's last result
         kept_pos = np.flatnonzero(keep)
@@ -393,15 +439,33 @@ class ServeState:
         )
         timings["metadata"] = time.perf_counter() - t
         results = []
-        for i, sim, row in zip(page_ids.tolist(), page_sims.tolist(), rows, strict=True):
-            item: dict[str, Any] = {"id": int(i), "similarity": float(sim) if math.isfinite(sim) else 0.0}
+        marks = kq.highlight_terms() if kq is not None else None
+        for j, (i, sim, row) in enumerate(zip(page_ids.tolist(), page_sims.tolist(), rows, strict=True)):
+            item: dict[str, Any] = {"id": int(i)}
+            if req.mode == "semantic":
+                item["similarity"] = float(sim) if math.isfinite(sim) else 0.0
+            else:
+                cos, kw = float(page_cos[j]), float(page_kw[j])
+                item["similarity"] = cos if math.isfinite(cos) else None
+                item["score"] = float(sim) if math.isfinite(sim) else 0.0
+                item["keyword_score"] = kw if math.isfinite(kw) else None
             item["url"] = _str_or_none(row.get("url"))
             item["caption"] = _str_or_none(row.get("caption"))
+            if marks is not None:
+                item["highlights"] = highlight_spans(item["caption"], marks)
             for c in cols:
-                if c not in ("id", "similarity", "url", "caption"):
+                if c not in ("id", "similarity", "url", "caption", "score", "keyword_score", "highlights"):
                     item[c] = _jsonable(row.get(c))
             results.append(item)
+        extra: dict[str, Any] = {"mode": req.mode}
+        if kq is not None:
+            extra["keyword_query"] = kq.canonical()
+            extra["notes"] = list(kq.notes)
+            if req.mode == "hybrid":
+                extra["fusion"] = req.fusion
+                extra["keyword_weight"] = None if res.weight is None else round(float(res.weight), 4)
         return {
+            **extra,
             "results": results,
             "index": s.name,
             "modality": modality,

@@ -153,6 +153,7 @@ async def _parse_form(request: Request, max_image_bytes: int) -> Query:
 @router.post(
     "/knn",
     response_model=KnnResponse,
+    response_model_exclude_unset=True,  # semantic answers keep their fields; keyword/hybrid add theirs
     summary="Search an index by text, image, image URL, embedding or id",
     responses=ERRORS,
     openapi_extra={

@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const els = {
   form: $("search-form"), q: $("q"), file: $("file"), upload: $("upload-btn"), urlBtn: $("url-btn"),
   urlRow: $("url-row"), imageUrl: $("image-url"), urlGo: $("url-go"), index: $("index"), modality: $("modality"),
+  mode: $("mode"),
   k: $("k"), safe: $("safe"), dedup: $("dedup"), filterBtn: $("filter-btn"), filterRow: $("filter-row"),
   fCaption: $("f-caption"), fWidth: $("f-width"), fExpr: $("f-expr"), fClear: $("f-clear"), columns: $("columns"),
   status: $("status"), results: $("results"), more: $("more"), chip: $("query-chip"), chipThumb: $("query-thumb"),
@@ -54,6 +55,13 @@ function updateFilterFields() {
     o.value = c;
     els.columns.appendChild(o);
   }
+  // keyword and hybrid need the index's keyword index (built by `clipsearch index` unless --no-text-index)
+  const kw = Boolean(idx && idx.keywords);
+  for (const opt of els.mode.options) {
+    opt.disabled = opt.value !== "semantic" && !kw;
+    opt.title = opt.disabled ? "this index has no keyword index" : "";
+  }
+  if (!kw) els.mode.value = "semantic";
   const mods = idx ? Object.keys(idx.modalities) : ["image"];
   for (const opt of els.modality.options) opt.disabled = !mods.includes(opt.value);
   if (!mods.includes(els.modality.value)) els.modality.value = mods[0];
@@ -89,7 +97,10 @@ function buildRequest(offset) {
   };
   const f = filterExpression();
   if (f) body.filter = f;
-  if (current.kind === "text") body.text = current.value;
+  if (current.kind === "text") {
+    body.text = current.value;
+    if (els.mode.value !== "semantic") body.mode = els.mode.value;  // keywords apply to text queries only
+  }
   else if (current.kind === "image_url") body.image_url = current.value;
   else if (current.kind === "id") { body.id = current.value; if (current.index) body.index = current.index; }
   if (current.kind === "image") {
@@ -143,6 +154,7 @@ async function search(append = false) {
     if (data.removed.duplicates) rm.push(`${data.removed.duplicates} duplicate${data.removed.duplicates === 1 ? "" : "s"}`);
     if (data.removed.unsafe) rm.push(`${data.removed.unsafe} unsafe`);
     if (rm.length) bits.push("hid " + rm.join(" and "));
+    if (data.notes && data.notes.length) bits.push(data.notes.join("; "));
     bits.push(`${Math.round(performance.now() - t0)} ms`);
     setStatus(shown ? bits.join(" · ") : "No results. Try other words or loosen the filters.");
   } catch (e) {
@@ -184,14 +196,23 @@ function render(results) {
     meta.className = "meta";
     const cap = document.createElement("div");
     cap.className = "caption" + (hit.caption ? "" : " none");
-    cap.textContent = hit.caption || "no caption";
+    if (hit.caption && hit.highlights && hit.highlights.length) appendHighlighted(cap, hit.caption, hit.highlights);
+    else cap.textContent = hit.caption || "no caption";
     cap.title = hit.caption || "";
     const row = document.createElement("div");
     row.className = "row";
     const sim = document.createElement("span");
     sim.className = "sim";
-    sim.textContent = hit.similarity.toFixed(3);
-    sim.title = "cosine similarity";
+    if (hit.keyword_score === undefined) {
+      sim.textContent = hit.similarity.toFixed(3);
+      sim.title = "cosine similarity";
+    } else {
+      const parts = [];
+      if (hit.similarity !== null) parts.push(hit.similarity.toFixed(3));
+      parts.push(hit.keyword_score > 0 ? `kw ${hit.keyword_score.toFixed(1)}` : "kw –");
+      sim.textContent = parts.join(" · ");
+      sim.title = `cosine similarity and BM25 of the caption; ranked by ${hit.score.toFixed(3)}`;
+    }
     const like = document.createElement("button");
     like.type = "button";
     like.className = "like";
@@ -207,6 +228,20 @@ function render(results) {
     frag.appendChild(card);
   }
   els.results.appendChild(frag);
+}
+
+// matched words in <mark>: spans are [start, end) in code points (the server counts them so)
+function appendHighlighted(el, text, spans) {
+  const chars = Array.from(text);
+  let at = 0;
+  for (const [s, e] of spans) {
+    if (s > at) el.append(chars.slice(at, s).join(""));
+    const m = document.createElement("mark");
+    m.textContent = chars.slice(s, e).join("");
+    el.append(m);
+    at = e;
+  }
+  if (at < chars.length) el.append(chars.slice(at).join(""));
 }
 
 function setQuery(q) {
@@ -266,6 +301,7 @@ for (const el of [els.fCaption, els.fWidth, els.fExpr]) {
   el.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); search(false); } });
 }
 for (const el of [els.modality, els.k, els.safe, els.dedup]) el.addEventListener("change", () => search(false));
+els.mode.addEventListener("change", () => { if (current && current.kind === "text") rememberQuery(current.value); search(false); });
 els.index.addEventListener("change", () => { updateFilterFields(); if (current && current.kind === "id") return; search(false); });
 
 // paste an image anywhere on the page
@@ -292,6 +328,7 @@ document.addEventListener("drop", (ev) => {
 function rememberQuery(text) {
   const params = new URLSearchParams({ q: text });
   if (indices.length > 1) params.set("index", els.index.value);
+  if (els.mode.value !== "semantic") params.set("mode", els.mode.value);
   history.replaceState(null, "", "?" + params.toString());
 }
 
@@ -299,6 +336,9 @@ loadIndices().then(() => {
   const params = new URLSearchParams(location.search);
   const wanted = params.get("index");
   if (wanted && indices.some((i) => i.name === wanted)) { els.index.value = wanted; updateFilterFields(); }
+  const mode = params.get("mode");
+  const opt = Array.from(els.mode.options).find((o) => o.value === mode && !o.disabled);
+  if (opt) els.mode.value = mode;
   const q = (params.get("q") || "").trim();
   if (q) { els.q.value = q; setQuery({ kind: "text", value: q }); search(false); }
 });

@@ -7,23 +7,27 @@ search, and gives every candidate both scores: its cosine similarity (exact from
 reconstructed vector when only the keyword side found it) and its BM25 score (0 when the caption does not
 match). Two fusions:
 
-- `weighted` (default), a score in [0, 1 + 2]:
+- `weighted` (default): CLIP ranks, and the caption matches of the query's *specific* words come first.
       score = sem + lambda(q) * kw
       sem = (cos - cos@100) / (cos_max - cos@100), clipped to [0, 1]: the cosine scaled between the
             semantic list's 100th hit (or its last) and the best candidate; fixed points of the list, so a
             deeper page does not reorder the earlier ones.
-      kw  = BM25 / the best BM25 of the query: 1 for the best caption match.
-      lambda(q) = 2 * min(1, s)^2, s = idf(the query's rarest word or phrase) / idf(a word in 0.1 % of the
-            captions). A word in fewer than ~0.8 % of the captions (a serial number, a made-up name, a brand)
-            gives lambda > 1, more than the whole semantic range: its caption matches rank above every
-            caption without it, and CLIP orders them. A common word (a colour among twelve: 8 % of the
-            captions) gives lambda ~ 0.27: CLIP's order stays, and captions that say the words move up a
-            little.
-- `rrf`: reciprocal rank fusion, score = 1/(60 + rank_sem) + 1/(60 + rank_kw) over the two lists (a side
-  that did not list a row adds nothing). Parameter-free and scale-free, but it gives a common word's BM25
-  list as much say as CLIP's, and a rare word's matches only half of the top.
+      w(u), per word or phrase u of the query, from the share f of the captions that hold it:
+            f <= 1 %: 2 (a name: a serial number, a made-up word, a brand);  f >= 5 %: 0 (a description word:
+            "red", "circle", "a"; CLIP understands those better than a caption match says);
+            between: 2 * ln(5 % / f) / ln(5), linear in log-frequency. A required (+word) or quoted unit: 2.
+      kw  = BM25 over the units with w > 0 only / the best such BM25: 1 for the best match of the names.
+      lambda(q) = max w(u): 2 when the query holds a name, so its caption matches (lambda * kw > 1, more
+            than the whole semantic range) rank above every caption without it, in CLIP's order; 0 for a
+            purely descriptive query, which then ranks exactly as `semantic`.
+  `+word` and quoted phrases keep only rows whose caption has them; `-word` drops rows whose caption has it.
+- `rrf`: reciprocal rank fusion over CLIP's list and the full BM25 list (every word), score =
+  1/(60 + rank_sem) + 1/(60 + rank_kw) (a side that did not list a row adds nothing). Parameter-free and
+  scale-free, but it gives a common word's BM25 list as much say as CLIP's, and a name's exact matches only
+  half of the first page.
 
-Fixed a priori, not tuned on the benchmark's queries (docs/bench-hybrid.md measures both).
+The 1 % / 5 % bounds were set on a development corpus, kept apart from the evaluation corpora of
+docs/bench-hybrid.md (other seeds, sizes and a caption profile the development never saw).
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ NORM_RANK = 100  # the semantic hit whose cosine is the floor of the scaled simi
 MIN_DEPTH = 100  # candidates from each side, at least
 RRF_K = 60
 MAX_WEIGHT = 2.0
-SPECIFIC_FRACTION = 0.001  # a word in this share of the captions is fully specific (s = 1)
 
 
 @dataclass
@@ -72,21 +75,49 @@ def check_mode(mode: str, fusion: str = "weighted") -> None:
         )
 
 
-def keyword_weight(s: Any, q: KeywordQuery) -> float:
-    """lambda(q) of the weighted fusion, from the IDF of the query's rarest positive word or phrase."""
+SPECIFIC = 0.01  # a word in at most this share of the captions is a name: its matches rank first
+COMMON = 0.05  # a word in at least this share is a description word: CLIP's business
+
+
+def unit_weights(s: Any, q: KeywordQuery) -> dict[Any, float]:
+    """w(u) of each positive word or phrase of the query (module docstring)."""
     units = q.positive
     if not units:
-        return 0.0
+        return {}
     n, dfs = s.keyword_stats(units)
-    if n <= 1:
-        return MAX_WEIGHT if any(dfs) else 0.0
-    ref = _idf(n, max(1.0, SPECIFIC_FRACTION * n))
-    spec = max((_idf(n, df) / ref for df in dfs if df > 0), default=0.0)
-    return MAX_WEIGHT * min(1.0, spec) ** 2
+    out: dict[Any, float] = {}
+    for u, df in zip(units, dfs, strict=True):
+        if u in q.must:
+            out[u] = MAX_WEIGHT  # asked for explicitly
+        elif df <= 0 or n <= 0:
+            out[u] = 0.0  # in no caption: nothing to lift
+        else:
+            f = df / n
+            if f <= SPECIFIC:
+                out[u] = MAX_WEIGHT
+            elif f >= COMMON:
+                out[u] = 0.0
+            else:
+                out[u] = MAX_WEIGHT * math.log(COMMON / f) / math.log(COMMON / SPECIFIC)
+    return out
 
 
-def _idf(n: float, df: float) -> float:
-    return math.log(1.0 + (n - df + 0.5) / (df + 0.5))  # BM25's
+def keyword_weight(s: Any, q: KeywordQuery) -> float:
+    """lambda(q) of the weighted fusion: the weight of the query's most specific word or phrase."""
+    return max(unit_weights(s, q).values(), default=0.0)
+
+
+def _caption_has(s: Any, ids: np.ndarray, units: list[Any]) -> np.ndarray:
+    """Whether each row's caption holds any of `units` (all of a phrase's terms)."""
+    from clipsearch.keywords.analyzer import terms
+
+    out = np.zeros(len(ids), dtype=bool)
+    if not s.metadata.has_column("caption"):
+        return out
+    for j, row in enumerate(s.rows(ids, ["caption"])):
+        have = set(terms(row.get("caption")))
+        out[j] = any(set(u.terms) <= have or (u.joined is not None and u.joined in have) for u in units)
+    return out
 
 
 def _filter(s: Any, filter: Any) -> Any:
@@ -151,8 +182,15 @@ def hybrid_search(
     ok = sem.ids[0] >= 0
     s_ids, s_cos = sem.ids[0][ok], sem.distances[0][ok].astype(np.float32)
     t = time.perf_counter()
-    k_ids, k_bm25 = s.keyword_search(q, depth, filter=bm) if not q.empty else (np.zeros(0, np.int64), None)
-    weight = keyword_weight(s, q) if fusion == "weighted" else None
+    weight = None
+    if fusion == "weighted":
+        w = unit_weights(s, q)
+        weight = max(w.values(), default=0.0)
+        kq = KeywordQuery(should=[u for u in q.should if w.get(u, 0.0) > 0], must=list(q.must),
+                          must_not=list(q.must_not))  # fmt: skip
+    else:
+        kq = q
+    k_ids, k_bm25 = s.keyword_search(kq, depth, filter=bm) if not kq.empty else (np.zeros(0, np.int64), None)
     timings["keywords"] = time.perf_counter() - t
     # the union, each row with both scores
     extra = np.setdiff1d(k_ids, s_ids, assume_unique=False)
@@ -162,15 +200,14 @@ def hybrid_search(
     ids = np.concatenate([s_ids, extra])
     cos = np.concatenate([s_cos, extra_cos])
     bm25 = np.zeros(len(ids), np.float32)
+    pos = {int(i): j for j, i in enumerate(ids.tolist())}
+    kpos = np.asarray([pos[int(i)] for i in k_ids.tolist()], dtype=np.int64)
     if len(k_ids):
-        pos = {int(i): j for j, i in enumerate(ids.tolist())}
-        bm25[[pos[int(i)] for i in k_ids.tolist()]] = k_bm25
+        bm25[kpos] = k_bm25
     if fusion == "rrf":
         score = np.zeros(len(ids), np.float64)
         score[: len(s_ids)] += 1.0 / (RRF_K + 1 + np.arange(len(s_ids)))
-        if len(k_ids):
-            kpos = np.asarray([pos[int(i)] for i in k_ids.tolist()], dtype=np.int64)
-            score[kpos] += 1.0 / (RRF_K + 1 + np.arange(len(k_ids)))
+        score[kpos] += 1.0 / (RRF_K + 1 + np.arange(len(k_ids)))
     else:
         hi = float(cos.max()) if len(cos) else 0.0
         lo = (
@@ -181,7 +218,15 @@ def hybrid_search(
         sem_n = np.clip((cos - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.ones(len(cos))
         top = float(bm25.max()) if len(bm25) and bm25.max() > 0 else 1.0
         score = sem_n + (weight or 0.0) * (bm25 / top)
+    keep = np.ones(len(ids), dtype=bool)
+    if q.must:  # required words: only rows whose caption has them (the keyword side's rows)
+        keep[:] = False
+        keep[kpos] = True
+    elif q.must_not and len(s_ids):  # excluded words: the semantic side's rows whose caption has one
+        keep &= ~_caption_has(s, ids, q.must_not)
+    score = np.where(keep, score, -np.inf)
     order = np.argsort(-score, kind="stable")[: int(n)]
+    order = order[np.isfinite(score[order])]
     plan = f"hybrid-{fusion}({sem.plan}+keyword)"
     allowed = None if bm is None else int(bm.count)
     return RankedResult(

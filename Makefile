@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install install-test system-deps clean
+.PHONY: demo test lint install install-test system-deps test-venvs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ install-test: $(VENV)/.installed-test
 system-deps:
 	bash scripts/install-system-deps.sh
 
+## venvs of the real clients the tests drive (clip-retrieval's ClipClient), built once per machine
+test-venvs:
+	@bash scripts/install-test-venvs.sh clip-retrieval >/dev/null
+
 demo: install
 	$(BIN)/clipsearch demo --port $(PORT)
 
@@ -36,7 +40,7 @@ lint: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
 
-test: install-test system-deps lint
+test: install-test system-deps test-venvs lint
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

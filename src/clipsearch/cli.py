@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "clipsearch.interop.cli",
         "convert a clip-retrieval or autofaiss index into a clipsearch index",
     ),
+    "aesthetic": (
+        "clipsearch.aesthetic.cli",
+        "rate an index's images with an aesthetic predictor: the table behind aesthetic nudging",
+    ),
     "delete": ("clipsearch.segments.delete", "delete rows (by key, URL or id) from an index, served or not"),
     "pipeline": ("clipsearch.pipeline", "download, embed and index in one go (then optionally serve)"),
     "demo": ("clipsearch.demo.cli", "build the embedded sample end to end and serve it"),

@@ -7,7 +7,10 @@ same way as the server does) and streams the hits into parquet, written atomical
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +56,12 @@ class QueryConfig:
     efSearch: int | None = None
     mode: str = "semantic"  # semantic (CLIP) | keyword (BM25 over captions) | hybrid (both, ranked as one)
     fusion: str = "weighted"  # hybrid: weighted | rrf (clipsearch.search.hybrid)
+    #: encode the prompts with this multilingual text encoder (clipsearch.embed.multilingual) instead
+    multilingual_model: str | None = None
+    #: nudge every query toward the images rated at this score (0-9), as serve's aesthetic_score does
+    aesthetic_score: int | None = None
+    aesthetic_weight: float = 0.5
+    aesthetic_embeddings: str | None = None  # default: the index folder's aesthetic_embeddings.npy
     overwrite: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +88,19 @@ class QueryConfig:
                 f"--mode {self.mode} searches caption keywords: it needs --prompts",
                 hint="--prompts FILE, or --mode semantic with --embeddings",
             )
+        if self.multilingual_model is not None and self.prompts is None:
+            raise ConfigError(
+                "--multilingual-model encodes prompts: it needs --prompts", hint="--prompts FILE"
+            )
+        from clipsearch.aesthetic.table import check_request
+
+        try:
+            check_request(
+                self.aesthetic_score, self.aesthetic_weight,
+                score_field="--aesthetic-score", weight_field="--aesthetic-weight",
+            )  # fmt: skip
+        except InputError as e:
+            raise ConfigError(str(e), hint="--aesthetic-score 0..9 --aesthetic-weight 0.5") from None
         from clipsearch.embed.backends.choice import check_pair
 
         check_pair(self.backend, self.precision)
@@ -88,40 +110,63 @@ class QueryConfig:
             raise ConfigError(f"output {self.output} exists", hint="remove it or choose another --output")
 
 
-def read_prompts(path: str) -> list[str]:
+def read_bytes(path: str, what: str, hint: str) -> bytes:
+    """The whole input: `-` is standard input; a local path is read with plain `open` (so a pipe or a
+    process substitution such as `<(...)`, which cannot seek, works too); other URLs go through fsspec."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    local = path[len("file://") :] if path.startswith("file://") else (path if "://" not in path else None)
+    if local is not None:
+        if not os.path.exists(local):
+            raise InputError(f"{what} {path} does not exist", hint=hint)
+        if os.path.isdir(local):
+            raise InputError(f"{what} {path} is a folder, not a file", hint=hint)
+        try:
+            with open(local, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise InputError(f"{what} {path} cannot be read: {e.strerror or e}", hint=hint) from e
     if not storage.exists(path):
-        raise InputError(f"prompts file {path} does not exist", hint="--prompts FILE")
+        raise InputError(f"{what} {path} does not exist", hint=hint)
     fs, p = storage.get_fs(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per line), or parquet/csv/jsonl with a prompt/text/caption/query column;
+    `-` reads text lines from standard input."""
+    data = read_bytes(path, "prompts file", "--prompts FILE, or - for standard input")
     if path.endswith((".parquet", ".csv", ".jsonl", ".json")):
         import pyarrow.csv as pacsv
         import pyarrow.json as pajson
 
-        with fs.open(p, "rb") as f:
+        buf = pa.BufferReader(data)
+        try:
             if path.endswith(".parquet"):
-                table = pq.read_table(f)
+                table = pq.read_table(buf)
             elif path.endswith(".csv"):
-                table = pacsv.read_csv(f)
+                table = pacsv.read_csv(buf)
             else:
-                table = pajson.read_json(f)
+                table = pajson.read_json(buf)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{path} could not be read: {e}") from e
         for col in ("prompt", "text", "caption", "query"):
             if col in table.column_names:
                 return [str(x) if x is not None else "" for x in table.column(col).to_pylist()]
         raise InputError(f"{path} has no prompt, text, caption or query column")
-    with fs.open(p, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise InputError(f"prompts file {path} holds no prompt")
+        where = "standard input" if path == "-" else f"prompts file {path}"
+        raise InputError(f"{where} holds no prompt", hint="--prompts FILE with one prompt per line")
     return prompts
 
 
 def read_embeddings(path: str) -> np.ndarray:
-    if not storage.exists(path):
-        raise InputError(f"embeddings file {path} does not exist", hint="--embeddings FILE.npy")
-    fs, p = storage.get_fs(path)
+    data = read_bytes(path, "embeddings file", "--embeddings FILE.npy, or - for standard input")
     try:
-        with fs.open(p, "rb") as f:
-            arr = np.load(f, allow_pickle=False)
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
         raise InputError(f"{path} is not a readable .npy file: {e}") from e
     if arr.ndim == 1:
@@ -159,6 +204,10 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                 raise ConfigError(str(e).split(" (fix:")[0], hint=e.hint) from None
         if cfg.prompts is not None:
             labels = read_prompts(cfg.prompts)
+            if encoder is None and cfg.mode != "keyword" and cfg.multilingual_model is not None:
+                from clipsearch.embed.multilingual import load_text_encoder
+
+                encoder = load_text_encoder(cfg.multilingual_model, device=cfg.device)
             if encoder is None and cfg.mode != "keyword":
                 from clipsearch.embed.models import load_clip
 
@@ -181,6 +230,7 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                     f"{cfg.embeddings} has dimension {vectors.shape[1]}, the index has {searcher.dim}"
                 )
             labels = [str(i) for i in range(len(vectors))]
+        nudge = _aesthetic_nudge(cfg, searcher.dim)
         bitmap = searcher.filter_bitmap(cfg.filter) if cfg.filter else None
         params = SearchParams(nprobe=cfg.nprobe, efSearch=cfg.efSearch)
         meta_cols = [c for c in ("url", "caption") if searcher.metadata.has_column(c)]
@@ -203,6 +253,8 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                     q = np.asarray(encoder.encode_text(batch_labels), dtype=np.float32)
                 else:
                     q = vectors[start : start + cfg.batch_size]
+                if nudge is not None and q is not None:
+                    q = np.stack([nudge(v) for v in q])
                 extra: dict[str, Any] = {}
                 if cfg.mode == "semantic":
                     assert q is not None
@@ -283,3 +335,22 @@ def _keyword_batch(searcher: Any, cfg: QueryConfig, labels: list[str], q: np.nda
         cat("score", np.float32),
         cat("keyword", np.float32),
     )
+
+
+def _aesthetic_nudge(cfg: QueryConfig, dim: int) -> Any:
+    """The per-query nudge toward cfg.aesthetic_score, or None when none is asked."""
+    if cfg.aesthetic_score is None:
+        return None
+    from clipsearch.aesthetic.table import find_table, load_table, nudge
+
+    path = cfg.aesthetic_embeddings or find_table(cfg.index)
+    if path is None:
+        raise ConfigError(
+            f"{cfg.index} has no aesthetic embeddings",
+            hint="clipsearch aesthetic --index DIR --predictor FILE, or --aesthetic-embeddings FILE",
+        )
+    table = load_table(path)
+    if table.shape[1] != dim:
+        raise ConfigError(f"aesthetic embeddings {path} are {table.shape[1]}-d, the index {dim}-d")
+    score, weight = int(cfg.aesthetic_score), float(cfg.aesthetic_weight)
+    return lambda v: nudge(v, table, score, weight)

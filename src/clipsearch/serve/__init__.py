@@ -21,10 +21,12 @@ __all__ = ["ServeConfig", "ServeSettings", "create_app", "serve", "app_from_env"
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
+def create_app(
+    settings: ServeSettings, encoder: Any = None, multilingual: dict[str, Any] | None = None
+) -> FastAPI:
     from clipsearch.serve.app import create_app as _create_app
 
-    return _create_app(settings, encoder)
+    return _create_app(settings, encoder, multilingual)
 
 
 def app_from_env() -> FastAPI:

@@ -22,14 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipsearch import __version__
 from clipsearch.errors import ClipsearchError
-from clipsearch.serve.routers import health, indices, knn, metadata, web
-from clipsearch.serve.schemas import KnnRequest
+from clipsearch.serve.routers import clip_back, health, indices, knn, metadata, web
+from clipsearch.serve.schemas import KnnRequest, MetadataRequest
 from clipsearch.serve.service import NotFound, ServeState
 from clipsearch.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-_ENDPOINTS = {"/knn", "/metadata", "/indices", "/healthz", "/metrics", "/"}
+_ENDPOINTS = {"/knn", "/metadata", "/indices", "/healthz", "/metrics", "/", "/knn-service", "/indices-list"}
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -115,10 +115,13 @@ def _error_status(e: ClipsearchError) -> int:
     return 400
 
 
-def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
+def create_app(
+    settings: ServeSettings, encoder: Any = None, multilingual: dict[str, Any] | None = None
+) -> FastAPI:
     """Build the app. `encoder` (anything with .name, .dim, .encode_text, .encode_images) replaces
-    the model named by the settings or index.json; tests pass a small fake one."""
-    state = ServeState.open(settings, encoder)
+    the model named by the settings or index.json; `multilingual` ({alias: anything with .dim and
+    .encode_text}) replaces the settings' multilingual models; tests pass small fake ones."""
+    state = ServeState.open(settings, encoder, multilingual)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -158,6 +161,7 @@ def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
     app.include_router(indices.router)
     app.include_router(metadata.router)
     app.include_router(health.router)
+    app.include_router(clip_back.router)
     if settings.metrics_on_api:
         app.include_router(health.metrics_router)
     if settings.web:
@@ -176,6 +180,11 @@ def create_app(settings: ServeSettings, encoder: Any = None) -> FastAPI:
         for name, sub in knn_schema.pop("$defs", {}).items():
             comps.setdefault(name, sub)
         comps["KnnRequest"] = knn_schema
+        for model in (MetadataRequest, clip_back.ClipBackKnnRequest):
+            sub_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in sub_schema.pop("$defs", {}).items():
+                comps.setdefault(name, sub)
+            comps[model.__name__] = sub_schema
         app.openapi_schema = schema
         return schema
 

@@ -32,6 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         help="CLIP model for queries (default: the model recorded in index.json)",
     )
     g.add_argument("--device", default=None, help="device for the model: cpu or cuda (default cpu)")
+    g.add_argument(
+        "--multilingual-model",
+        action="append",
+        default=[],
+        metavar="[ALIAS=]NAME_OR_PATH",
+        help="a multilingual text encoder aligned to the index's CLIP (M-CLIP, sentence-transformers or "
+        "multilingual CLIP; clipsearch-tiny-multilingual for the demo model), for queries in many "
+        "languages: /knn multilingual=true, clip back's use_mclip (repeatable; the first is the default)",
+    )
+    g.add_argument(
+        "--aesthetic-embeddings",
+        default=None,
+        metavar="FILE",
+        help="aesthetic embeddings for aesthetic_score nudging (default: each index folder's "
+        "aesthetic_embeddings.npy, written by `clipsearch aesthetic`)",
+    )
     if not pipeline:  # the pipeline's embed options carry them
         add_backend_arguments(g, default=None)
     g.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (default 1)")
@@ -72,6 +88,10 @@ def settings_from_args(args: argparse.Namespace, indices: dict[str, str] | None 
         "precision": getattr(args, "precision", None),
         "workers": args.workers,
     }
+    if getattr(args, "multilingual_model", None):
+        overrides["multilingual_models"] = tuple(args.multilingual_model)
+    if getattr(args, "aesthetic_embeddings", None):
+        overrides["aesthetic_embeddings"] = args.aesthetic_embeddings
     if getattr(args, "allow_url_host", None):
         overrides["allow_url_hosts"] = tuple(args.allow_url_host)
     if getattr(args, "max_body_mb", None) is not None:

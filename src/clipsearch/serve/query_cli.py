@@ -9,9 +9,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     parser.add_argument("--index", required=True, metavar="DIR", help="the index/ folder to search")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--prompts", metavar="FILE", help="text file with one prompt per line (or parquet/csv/jsonl)"
+        "--prompts",
+        metavar="FILE",
+        help="text file with one prompt per line (or parquet/csv/jsonl); - reads standard input, and a pipe "
+        "such as <(...) works",
     )
-    src.add_argument("--embeddings", metavar="FILE.npy", help="query vectors, float [n, dim]")
+    src.add_argument(
+        "--embeddings", metavar="FILE.npy", help="query vectors, float [n, dim] (- reads standard input)"
+    )
     parser.add_argument("-k", type=int, default=10, help="hits per query")
     parser.add_argument(
         "-o", "--output", required=True, metavar="FILE.parquet", help="where to write the hits"
@@ -27,6 +32,27 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         "--clip-model", default=None, metavar="NAME_OR_PATH", help="model for prompts (default: index.json)"
     )
     parser.add_argument("--device", default="cpu", help="device for the model")
+    parser.add_argument(
+        "--multilingual-model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="encode the prompts with a multilingual text encoder aligned to the index's CLIP (M-CLIP, "
+        "sentence-transformers, multilingual CLIP, clipsearch-tiny-multilingual)",
+    )
+    parser.add_argument(
+        "--aesthetic-score",
+        type=int,
+        default=None,
+        metavar="0-9",
+        help="nudge every query toward the images rated at this score (needs aesthetic embeddings)",
+    )
+    parser.add_argument("--aesthetic-weight", type=float, default=0.5, help="how far to nudge")
+    parser.add_argument(
+        "--aesthetic-embeddings",
+        default=None,
+        metavar="FILE",
+        help="aesthetic embeddings table (default: the index folder's aesthetic_embeddings.npy)",
+    )
     from clipsearch.embed.cli import add_backend_arguments
 
     add_backend_arguments(parser)
@@ -69,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         efSearch=args.ef_search,
         mode=args.mode,
         fusion=args.fusion,
+        multilingual_model=args.multilingual_model,
+        aesthetic_score=args.aesthetic_score,
+        aesthetic_weight=args.aesthetic_weight,
+        aesthetic_embeddings=args.aesthetic_embeddings,
     )
     query(cfg)
     return 0

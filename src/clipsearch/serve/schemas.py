@@ -68,12 +68,54 @@ class KnnRequest(BaseModel):
     fusion: Literal["weighted", "rrf"] = Field(
         "weighted", description="how hybrid ranks: IDF-weighted score sum, or reciprocal rank fusion"
     )
+    multilingual: bool | str = Field(
+        False,
+        description="encode the text with the multilingual text encoder (--multilingual-model): true for the "
+        "first one served, or its name",
+    )
+    aesthetic_score: int | None = Field(
+        None,
+        ge=0,
+        le=9,
+        description="nudge the query toward the images rated at this score (0-9; needs aesthetic embeddings)",
+    )
+    aesthetic_weight: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        ge=-100.0,
+        le=100.0,
+        description="how far to nudge: query + weight x aesthetic embedding (default 0.5)",
+    )
+    violence: bool | Literal["flag"] = Field(
+        False,
+        description="zero-shot violence detector: true removes violent results, 'flag' keeps them and adds a "
+        "'violent' field to every result",
+    )
+    violence_threshold: float | None = Field(None, ge=-1.0, le=1.0)
 
     @field_validator("embedding")
     @classmethod
     def _finite(cls, v: list[float] | None) -> list[float] | None:
         if v is not None and not all(math.isfinite(x) for x in v):
             raise ValueError("embedding values must be finite numbers")
+        return v
+
+    @field_validator("multilingual", mode="before")
+    @classmethod
+    def _multilingual(cls, v: Any) -> Any:
+        # a form sends "true"/"false" as text: read them as booleans, any other text names a model
+        if isinstance(v, str) and v.strip().lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+            "",
+        ):
+            return v.strip().lower() in ("true", "1", "yes", "on")
         return v
 
     @model_validator(mode="after")
@@ -105,6 +147,10 @@ class KnnResult(BaseModel):
 
 
 class Removed(BaseModel):
+    """What hygiene removed; `violent` (results the violence detector removed) only when it was asked."""
+
+    model_config = ConfigDict(extra="allow")
+
     duplicates: int = Field(0, description="near-duplicate images collapsed")
     unsafe: int = Field(0, description="results the safety filter removed")
 
@@ -207,6 +253,11 @@ def multipart_schema(files: bool = True) -> dict[str, Any]:
         "efSearch": {"type": "integer", "minimum": 1, "maximum": 65536},
         "mode": {"type": "string", "enum": ["semantic", "keyword", "hybrid"]},
         "fusion": {"type": "string", "enum": ["weighted", "rrf"]},
+        "multilingual": {"type": "string", "description": "true, false, or a multilingual model's name"},
+        "aesthetic_score": {"type": "integer"},
+        "aesthetic_weight": {"type": "number"},
+        "violence": {"type": "string", "enum": ["true", "false", "flag"]},
+        "violence_threshold": {"type": "number", "minimum": -1, "maximum": 1},
     }
     if not files:
         del props["image"]

@@ -31,7 +31,10 @@ from clipsearch.serve.batching import TextBatcher
 from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, preprocessor_of
 from clipsearch.serve.dedup import near_duplicates
 from clipsearch.serve.fetch_image import fetch_image_bytes
+from clipsearch.serve.languages import load_multilingual, pick
 from clipsearch.serve.metrics import Metrics
+from clipsearch.serve.nudging import apply as apply_aesthetic
+from clipsearch.serve.nudging import load_tables
 from clipsearch.serve.safety import SafetyFilter
 from clipsearch.serve.schemas import KnnRequest
 from clipsearch.serve.settings import ServeSettings
@@ -51,6 +54,10 @@ class Query:
 
     req: KnnRequest
     image_bytes: bytes | None = None
+    #: how errors name the multilingual switch (/knn: multilingual, clip back's /knn-service: use_mclip)
+    multilingual_field: str = "multilingual"
+    #: a score asked of an index without aesthetic embeddings: a 400 (/knn) or ignored (clip back's API)
+    aesthetic_strict: bool = True
 
 
 def _jsonable(v: Any) -> Any:
@@ -100,21 +107,30 @@ def load_encoder(settings: ServeSettings, searchers: dict[str, IndexSearcher]) -
 class ServeState:
     """Everything one app serves. Build with `ServeState.open(settings, encoder)`."""
 
-    def __init__(self, settings: ServeSettings, searchers: dict[str, IndexSearcher], encoder: Any):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        searchers: dict[str, IndexSearcher],
+        encoder: Any,
+        multilingual: dict[str, Any] | None = None,
+        aesthetic: dict[str, np.ndarray] | None = None,
+    ):
         self.settings = settings
         self.searchers = searchers
         self.encoder = encoder
         self.metrics = Metrics()
-        self.batcher = TextBatcher(
-            self._encode_texts,
-            max_batch=settings.batch_max_size,
-            max_wait_ms=settings.batch_wait_ms,
-            cache_size=settings.text_cache_size,
-            on_batch=self._on_batch,
-            workers=settings.encoder_workers,
-        )
+        self.batcher = self._batcher(encoder)
+        #: multilingual text encoders by alias, each with its own batcher (languages.py)
+        self.multilingual = dict(multilingual or {})
+        self.multilingual_batchers = {a: self._batcher(e) for a, e in self.multilingual.items()}
+        #: aesthetic embeddings table per index name (nudging.py)
+        self.aesthetic = dict(aesthetic or {})
         self.safety = SafetyFilter(
             encoder, settings.unsafe_prompts, settings.safe_prompts, settings.safety_threshold
+        )
+        # the violence detector is the same zero-shot margin over its own prompts
+        self.violence = SafetyFilter(
+            encoder, settings.violent_prompts, settings.peaceful_prompts, settings.violence_threshold
         )
         self.model_name = str(getattr(encoder, "name", "unknown"))
         self.decode_gate = DecodeGate(
@@ -139,8 +155,23 @@ class ServeState:
             self.metrics.decodes.labels("waiting").set(gate.waiting)
             self.metrics.decode_bytes.set(gate.reserved)
 
+    def _batcher(self, encoder: Any) -> TextBatcher:
+        def encode(texts: list[str]) -> np.ndarray:
+            return np.asarray(encoder.encode_text(texts), dtype=np.float32)
+
+        return TextBatcher(
+            encode,
+            max_batch=self.settings.batch_max_size,
+            max_wait_ms=self.settings.batch_wait_ms,
+            cache_size=self.settings.text_cache_size,
+            on_batch=self._on_batch,
+            workers=self.settings.encoder_workers,
+        )
+
     @classmethod
-    def open(cls, settings: ServeSettings, encoder: Any = None) -> ServeState:
+    def open(
+        cls, settings: ServeSettings, encoder: Any = None, multilingual: dict[str, Any] | None = None
+    ) -> ServeState:
         if not settings.indices:
             raise ConfigError("no index to serve", hint="--index NAME=DIR (repeatable) or --config FILE")
         searchers: dict[str, IndexSearcher] = {}
@@ -167,6 +198,8 @@ class ServeState:
                         f"{s.dim}-d vectors (built with {s.model})",
                         hint="--clip-model with the model the index was built with",
                     )
+            languages = load_multilingual(settings, dim, multilingual)
+            tables = load_tables(settings, searchers, encoder)
         except BaseException:
             for s in searchers.values():
                 s.close()
@@ -175,18 +208,17 @@ class ServeState:
             _set_torch_threads(settings.encoder_threads)
         if settings.search_threads == 1:
             _single_threaded_blas()
-        return cls(settings, searchers, encoder)
+        return cls(settings, searchers, encoder, languages, tables)
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
+        for b in self.multilingual_batchers.values():
+            await b.aclose()
         self.decode_gate.close()
         for s in self.searchers.values():
             s.close()
 
     # ------------------------------------------------------------------ helpers
-    def _encode_texts(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.encoder.encode_text(texts), dtype=np.float32)
-
     def _on_batch(self, n: int, seconds: float) -> None:
         self.metrics.batch_size.observe(n)
 
@@ -236,12 +268,27 @@ class ServeState:
             timings["encode"] = time.perf_counter() - t
         return np.asarray(vec, dtype=np.float32)[0]
 
+    def text_batcher(self, multilingual: bool | str | None, field: str = "multilingual") -> TextBatcher:
+        """The index model's batcher, or the multilingual encoder's the request names."""
+        alias = pick(multilingual, self.multilingual, field)
+        return self.batcher if alias is None else self.multilingual_batchers[alias]
+
     async def query_vector(self, q: Query, s: IndexSearcher, timings: dict[str, float]) -> np.ndarray:
+        """The request's query vector, nudged toward its aesthetic score when it asks for one."""
+        req = q.req
+        pick(req.multilingual, self.multilingual, q.multilingual_field)  # a bad name is a 400 for any query
+        vec = await self._raw_query_vector(q, s, timings)
+        table = self.aesthetic.get(s.name)
+        return apply_aesthetic(
+            vec, table, req.aesthetic_score, req.aesthetic_weight, index=s.name, strict=q.aesthetic_strict
+        )
+
+    async def _raw_query_vector(self, q: Query, s: IndexSearcher, timings: dict[str, float]) -> np.ndarray:
         req = q.req
         if req.text is not None:
             if len(req.text) > self.settings.max_text_chars:
                 raise InputError(f"text is longer than {self.settings.max_text_chars} characters")
-            vec, secs = await self.batcher.encode(req.text)
+            vec, secs = await self.text_batcher(req.multilingual, q.multilingual_field).encode(req.text)
             timings["encode"] = secs
             return vec
         if q.image_bytes is not None:
@@ -375,7 +422,7 @@ class ServeState:
         kq: KeywordQuery | None = None,
     ) -> dict[str, Any]:
         want = req.offset + req.k
-        hygiene = req.deduplicate or req.safety
+        hygiene = req.deduplicate or req.safety or req.violence is True
         n_fetch = want if not hygiene else int(math.ceil(want * self.settings.overfetch)) + 8
         cap = min(s.count, max(want, int(math.ceil(want * self.settings.overfetch * 8)) + 64))
         limit = self.settings.hygiene_max_candidates
@@ -393,6 +440,7 @@ class ServeState:
             exhausted = len(ids) < n_fetch or n_fetch >= s.count
             keep = np.ones(len(ids), dtype=bool)
             unsafe_mask = np.zeros(len(ids), dtype=bool)
+            violent_mask = np.zeros(len(ids), dtype=bool)
             dup_mask = np.zeros(len(ids), dtype=bool)
             if hygiene and len(ids):
                 t = time.perf_counter()
@@ -401,6 +449,9 @@ class ServeState:
                 if req.safety:
                     unsafe_mask = self.safety.unsafe(vecs, req.safety_threshold)
                     keep &= ~unsafe_mask
+                if req.violence is True:
+                    violent_mask = self.violence.unsafe(vecs, req.violence_threshold) & keep
+                    keep &= ~violent_mask
                 if req.deduplicate:
                     thr = req.dedup_threshold or self.settings.dedup_threshold
                     idx_keep = np.flatnonzero(keep)
@@ -430,7 +481,13 @@ class ServeState:
         )
         hi = int(kept_pos[want - 1]) + 1 if len(kept_pos) >= want else len(ids)
         removed = {"duplicates": int(dup_mask[lo:hi].sum()), "unsafe": int(unsafe_mask[lo:hi].sum())}
-        for reason, n in (("duplicate", removed["duplicates"]), ("unsafe", removed["unsafe"])):
+        if req.violence is True:
+            removed["violent"] = int(violent_mask[lo:hi].sum())
+        for reason, n in (
+            ("duplicate", removed["duplicates"]),
+            ("unsafe", removed["unsafe"]),
+            ("violent", removed.get("violent", 0)),
+        ):
             if n:
                 self.metrics.removed.labels(reason).inc(n)
         t = time.perf_counter()
@@ -438,6 +495,7 @@ class ServeState:
             page_ids, list(dict.fromkeys([c for c in BASE_COLUMNS if s.metadata.has_column(c)] + cols))
         )
         timings["metadata"] = time.perf_counter() - t
+        violent = self._violence_flags(s, modality, page_ids, req)
         results = []
         marks = kq.highlight_terms() if kq is not None else None
         for j, (i, sim, row) in enumerate(zip(page_ids.tolist(), page_sims.tolist(), rows, strict=True)):
@@ -456,6 +514,8 @@ class ServeState:
             for c in cols:
                 if c not in ("id", "similarity", "url", "caption", "score", "keyword_score", "highlights"):
                     item[c] = _jsonable(row.get(c))
+            if violent is not None:
+                item["violent"] = bool(violent[len(results)])
             results.append(item)
         extra: dict[str, Any] = {"mode": req.mode}
         if kq is not None:
@@ -477,6 +537,15 @@ class ServeState:
             "filter_matches": res.allowed,
         }
 
+    def _violence_flags(
+        self, s: IndexSearcher, modality: str, ids: np.ndarray, req: KnnRequest
+    ) -> np.ndarray | None:
+        """violence='flag': the detector's verdict on each row of the page (nothing removed)."""
+        if req.violence != "flag" or not len(ids):
+            return None if req.violence != "flag" else np.zeros(0, dtype=bool)
+        source = "image" if "image" in s.indices else modality
+        return self.violence.unsafe(s.vectors(ids, source), req.violence_threshold)
+
     # ------------------------------------------------------------------ /metadata
     def metadata(self, index: str | None, ids: list[int], columns: list[str] | None) -> dict[str, Any]:
         s = self.searcher(index)
@@ -496,7 +565,15 @@ class ServeState:
 
 
 def _hygiene_limit_message(req: KnnRequest, limit: int) -> str:
-    what = " and ".join(w for w, on in (("deduplicate", req.deduplicate), ("safety", req.safety)) if on)
+    what = " and ".join(
+        w
+        for w, on in (
+            ("deduplicate", req.deduplicate),
+            ("safety", req.safety),
+            ("violence", req.violence is True),
+        )
+        if on
+    )
     return (
         f"{what} would have to examine more than {limit:,} candidates to fill results {req.offset:,} to "
         f"{req.offset + req.k:,} (the hygiene_max_candidates limit): ask for an earlier page or fewer "

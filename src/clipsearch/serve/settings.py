@@ -34,6 +34,26 @@ DEFAULT_SAFE_PROMPTS: tuple[str, ...] = (
     "a drawing",
 )
 
+#: the zero-shot violence detector (`violence` / `use_violence_detector`): a result is violent when its best
+#: similarity to these beats its best similarity to the peaceful prompts by more than `violence_threshold`
+DEFAULT_VIOLENT_PROMPTS: tuple[str, ...] = (
+    "a photo of violence",
+    "people fighting",
+    "a violent attack",
+    "a person pointing a gun",
+    "a bloody wound",
+    "a war scene with weapons",
+    "a riot with fire and police",
+)
+DEFAULT_PEACEFUL_PROMPTS: tuple[str, ...] = (
+    "a peaceful photo",
+    "people talking calmly",
+    "a photo of an object",
+    "a landscape",
+    "an animal",
+    "a drawing",
+)
+
 ENV_PREFIX = "CLIPSEARCH_SERVE_"
 ENV_SETTINGS_JSON = "CLIPSEARCH_SERVE_SETTINGS"
 
@@ -88,6 +108,15 @@ class ServeSettings:
     safety_threshold: float = 0.0  # margin of the best unsafe prompt over the best safe one
     unsafe_prompts: tuple[str, ...] = DEFAULT_UNSAFE_PROMPTS
     safe_prompts: tuple[str, ...] = DEFAULT_SAFE_PROMPTS
+    violence_threshold: float = 0.0  # margin of the best violent prompt over the best peaceful one
+    violent_prompts: tuple[str, ...] = DEFAULT_VIOLENT_PROMPTS
+    peaceful_prompts: tuple[str, ...] = DEFAULT_PEACEFUL_PROMPTS
+    #: multilingual text encoders (M-CLIP, multilingual CLIP) in the index's space; the first is the default
+    #: of `multilingual=true` / `use_mclip`. Entries are NAME_OR_PATH or ALIAS=NAME_OR_PATH
+    multilingual_models: tuple[str, ...] = ()
+    #: aesthetic embeddings table (docs/serve.md); default: each index folder's aesthetic_embeddings.npy,
+    #: else the model folder's
+    aesthetic_embeddings: str | None = None
     # micro-batching of text encoding
     batch_max_size: int = 64
     batch_wait_ms: float = 0.0
@@ -111,6 +140,9 @@ class ServeSettings:
         object.__setattr__(self, "allow_url_hosts", tuple(h.lower() for h in self.allow_url_hosts))
         object.__setattr__(self, "unsafe_prompts", tuple(self.unsafe_prompts))
         object.__setattr__(self, "safe_prompts", tuple(self.safe_prompts))
+        object.__setattr__(self, "violent_prompts", tuple(self.violent_prompts))
+        object.__setattr__(self, "peaceful_prompts", tuple(self.peaceful_prompts))
+        object.__setattr__(self, "multilingual_models", tuple(m for m in self.multilingual_models if m))
         for name in self.indices:
             if not name or not all(c.isalnum() or c in "-_." for c in name):
                 raise ConfigError(
@@ -179,6 +211,31 @@ class ServeSettings:
             raise ConfigError(f"overfetch must be >= 1, got {self.overfetch}")
         if not self.unsafe_prompts:
             raise ConfigError("unsafe_prompts must not be empty")
+        if not (-1.0 <= self.violence_threshold <= 1.0):
+            raise ConfigError(f"violence_threshold must be in [-1, 1], got {self.violence_threshold}")
+        if not self.violent_prompts:
+            raise ConfigError("violent_prompts must not be empty")
+        self.multilingual_aliases()  # checks the names
+
+    def multilingual_aliases(self) -> dict[str, str]:
+        """`multilingual_models` as {alias: name_or_path}; a bare entry is its own alias."""
+        out: dict[str, str] = {}
+        for spec in self.multilingual_models:
+            alias, sep, path = spec.partition("=")
+            if not sep or "/" in alias or ":" in alias:
+                alias, path = spec, spec
+            alias, path = alias.strip(), path.strip()
+            if not alias or not path:
+                raise ConfigError(
+                    f"bad multilingual model {spec!r}", hint="--multilingual-model [ALIAS=]NAME_OR_PATH"
+                )
+            if alias in out:
+                raise ConfigError(
+                    f"multilingual model {alias!r} is given twice",
+                    hint="--multilingual-model ALIAS=NAME_OR_PATH",
+                )
+            out[alias] = path
+        return out
 
     @property
     def metrics_listener(self) -> bool:
@@ -201,7 +258,14 @@ class ServeSettings:
                 hint="known settings: " + ", ".join(sorted(known)),
             )
         kwargs = dict(data)
-        for key in ("allow_url_hosts", "unsafe_prompts", "safe_prompts"):
+        for key in (
+            "allow_url_hosts",
+            "unsafe_prompts",
+            "safe_prompts",
+            "violent_prompts",
+            "peaceful_prompts",
+            "multilingual_models",
+        ):
             if key in kwargs and isinstance(kwargs[key], str):
                 kwargs[key] = tuple(s.strip() for s in kwargs[key].split(",") if s.strip())
         try:

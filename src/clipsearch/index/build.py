@@ -157,7 +157,7 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: s
     if rotation is not None:
         if rotation != rot.NAME:
             raise IndexBuildError(f"unknown rotation {rotation!r}")
-        matrix = rot.balanced_pca(x, rot.sub_vector_size(factory, d) or 1)
+        matrix = rot.balanced_pca(x, rot.sub_vector_sizes(factory, d) or (1,))
         lt = rot.transform(matrix)
         x = np.ascontiguousarray(x @ matrix.T)
     if not index.is_trained:

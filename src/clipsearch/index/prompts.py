@@ -408,7 +408,7 @@ STYLES = (
 
 
 def all_prompts() -> list[str]:
-    """Every prompt of the set (about 14k): objects in every phrasing, in every scene, in every style."""
+    """Every prompt of the set (21,114): objects in every phrasing, in every scene, in every style."""
     out = [t.format(o) for o in OBJECTS for t in TEMPLATES]
     out += [f"{o} {s}" for o in OBJECTS for s in SCENES]
     out += [

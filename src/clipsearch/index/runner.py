@@ -137,7 +137,7 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
             chain, _ = build.split_transform(build.read_index(path))
             rotations[m] = {"chosen": rotation.NAME if chain else "none", "reason": "resumed build"}
             continue
-        choice = _rotation(cfg, plans[m], sc.train[m])
+        choice = _rotation(cfg, plans[m], sc.train[m], queries[m]["cross"])
         rotations[m] = choice.to_json()
         timings[f"rotation_{m}_s"] = time.perf_counter() - t0
         build.train_index(plans[m].factory, d, sc.train[m], path, rotation=choice.rotation)
@@ -269,16 +269,16 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
     return info
 
 
-def _rotation(cfg: IndexConfig, plan: Plan, sample: np.ndarray) -> rotation.Choice:
+def _rotation(cfg: IndexConfig, plan: Plan, sample: np.ndarray, text_queries: np.ndarray) -> rotation.Choice:
     if cfg.rotation == "none":
-        return rotation.Choice(None, None, "--rotation none")
+        return rotation.Choice(None, "--rotation none")
     if cfg.rotation == rotation.NAME:
-        if rotation.sub_vector_size(plan.factory, sample.shape[1]) is None:
-            return rotation.Choice(None, None, f"{plan.factory} has no product-quantized codes to rotate for")
-        return rotation.Choice(rotation.NAME, None, f"--rotation {rotation.NAME}")
+        if not rotation.sub_vector_sizes(plan.factory, sample.shape[1]):
+            return rotation.Choice(None, f"{plan.factory} has no product-quantized codes to rotate for")
+        return rotation.Choice(rotation.NAME, f"--rotation {rotation.NAME}")
     if cfg.index_key:
-        return rotation.Choice(None, None, "the factory was forced by --index-key")
-    return rotation.choose(plan.factory, sample, cfg.seed)
+        return rotation.Choice(None, "the factory was forced by --index-key")
+    return rotation.choose(plan.factory, sample, text_queries, cfg.seed)
 
 
 def _tuning_queries(sc, modalities, tuning_q, model: str | None) -> dict[str, dict]:

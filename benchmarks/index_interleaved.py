@@ -1,15 +1,16 @@
-"""Re-measure the two indices that benchmarks/index.py built, in one process, query by query in turn.
+"""Re-measure the indices that benchmarks/index.py built, in one process, query by query in turn.
 
 Usage:
-    python benchmarks/index_interleaved.py DATA_DIR BUDGET [--sweep]
+    python benchmarks/index_interleaved.py DATA_DIR BUDGET [--modes a,b,c]
 
-index.py runs each tool in its own process, one after the other, so on a shared machine the two
-latency figures can come from different moments of the load. This script loads ours
-(DATA_DIR/out-ours-BUDGET) and autofaiss's (DATA_DIR/out-autofaiss-BUDGET/knn.index, read by current
-faiss) side by side, each at the parameters its tool chose, and alternates single queries between
-them, so both medians see the same load. `--sweep` also measures each index's recall/latency curve
-(nprobe for autofaiss, its tuned curve's parameters for ours), to compare at equal latency.
-Results go to DATA_DIR/interleaved-BUDGET.json.
+index.py runs each tool in its own process, one after the other, so on a shared machine the latency
+figures can come from different moments of the load. This script loads clipsearch's index of each
+mode (DATA_DIR/out-ours-MODE-BUDGET) and autofaiss's (DATA_DIR/out-autofaiss-BUDGET/knn.index, read by
+current faiss) side by side, each at the parameters its tool chose, and alternates single queries
+between them, so all medians see the same load. In modes b and c clipsearch had text-like queries
+(the tuning draw, or caption embeddings) that autofaiss cannot take; to give both the same
+information, a third contender is autofaiss's index with its nprobe chosen by clipsearch's tuner on
+those same queries. Results go to DATA_DIR/interleaved-BUDGET.json.
 """
 
 from __future__ import annotations
@@ -47,6 +48,49 @@ def interleaved_ms(indices: list, q: np.ndarray, rounds: int = N_LAT) -> list[fl
     return [round(float(np.median(x)), 3) for x in lat]
 
 
+def _exact(q: np.ndarray, xb: np.ndarray, k: int = 10) -> np.ndarray:
+    import faiss
+
+    return faiss.knn(np.ascontiguousarray(q), xb, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def _images(data: str) -> np.ndarray:
+    import glob
+
+    return np.concatenate([np.load(f) for f in sorted(glob.glob(os.path.join(data, "emb", "*.npy")))]).astype(
+        np.float32
+    )
+
+
+def _same_information(data: str, mode: str, xb: np.ndarray) -> tuple[np.ndarray, str]:
+    """The text-like queries clipsearch tuned on in this mode, for re-tuning autofaiss's index."""
+    from index import _tuning_queries
+
+    if mode == "b":
+        return _tuning_queries(data), "--tuning-queries"
+    import glob
+
+    rows = np.random.default_rng(0).choice(len(xb), 1000, replace=False)
+    caps = np.concatenate(
+        [np.load(f) for f in sorted(glob.glob(os.path.join(data, "embeddings", "text_emb", "*.npy")))]
+    )
+    return caps[rows].astype(np.float32), "caption embeddings of 1000 rows"
+
+
+def retune_autofaiss(af, data: str, mode: str, xb: np.ndarray, max_ms: float) -> dict:
+    """autofaiss's index with its nprobe picked by clipsearch's tuner from the same text-like queries
+    clipsearch had in this mode (autofaiss has no way to take them)."""
+    from clipsearch.index.tune import tune
+
+    tq, what = _same_information(data, mode, xb)
+    tq /= np.linalg.norm(tq, axis=1, keepdims=True)
+    same = xb[np.random.default_rng(1).choice(len(xb), 500, replace=False)]
+    queries = {"cross": np.ascontiguousarray(tq), "same": np.ascontiguousarray(same)}
+    gts = {"cross": _exact(tq, xb), "same": _exact(same, xb)}
+    tuned = tune(af, "ivf", queries, gts, max_ms, None)
+    return {"params": tuned.search_params, "tuned_on": what, "reason": tuned.reason}
+
+
 def main() -> None:
     import faiss
 
@@ -55,77 +99,52 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
     ap.add_argument("budget")
+    ap.add_argument("--modes", default="a,b,c")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--max-ms", type=float, default=10.0)
     a = ap.parse_args()
     faiss.omp_set_num_threads(a.threads)
     q, gt = _eval_queries(a.data)
-
-    ours_dir = os.path.join(a.data, f"out-ours-{a.budget}")
-    with open(os.path.join(ours_dir, "index.json")) as f:
-        img = json.load(f)["indices"]["image"]
-    ours = read_index(os.path.join(ours_dir, img["file"]), mmap=img["mmap"])
-    apply_search_params(ours, img["search_params"])
-
+    xb = _images(a.data)
     with open(os.path.join(a.data, f"out-autofaiss-{a.budget}.json")) as f:
         af_res = json.load(f)
-    af = faiss.read_index(os.path.join(a.data, f"out-autofaiss-{a.budget}", "knn.index"))
-    ps = faiss.ParameterSpace()
-    ps.set_index_parameters(af, af_res["params"])
-
-    for idx in (ours, af):  # warm the caches
-        idx.search(q[:50], 10)
-    ms = interleaved_ms([ours, af], q)
-    out = {
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-        "ours": {
-            "factory": img["factory"],
-            "params": img["search_params"],
-            "recall_at_10_text": round(recall(ours, q, gt), 4),
-            "single_query_ms_median": ms[0],
-        },
-        "autofaiss": {
-            "factory": af_res["factory"],
-            "params": af_res["params"],
-            "recall_at_10_text": round(recall(af, q, gt), 4),
-            "single_query_ms_median": ms[1],
-        },
-    }
-    print(json.dumps(out, indent=1), flush=True)
-    if a.sweep:
-        curve = []
-        ivf = faiss.extract_index_ivf(af)
-        for nprobe in (16, 32, 64, 128, 256, 512, 1024, 2048):
-            if nprobe > ivf.nlist:
-                break
-            ps.set_index_parameters(af, f"nprobe={nprobe},efSearch={2 * nprobe}")
-            r = recall(af, q, gt)
-            ms_af = interleaved_ms([af], q, 100)[0]
-            curve.append(
-                {
-                    "params": f"nprobe={nprobe}",
-                    "recall_at_10_text": round(r, 4),
-                    "single_query_ms_median": ms_af,
-                }
-            )
-            print("autofaiss", curve[-1], flush=True)
-        out["autofaiss"]["curve"] = curve
-        curve = []
-        for p in img["curve"]:
-            apply_search_params(ours, p["params"])
-            r = recall(ours, q, gt)
-            curve.append(
-                {
-                    "params": p["params"],
-                    "recall_at_10_text": round(r, 4),
-                    "single_query_ms_median": interleaved_ms([ours], q, 100)[0],
-                }
-            )
-            print("ours", curve[-1], flush=True)
-        out["ours"]["curve"] = curve
-    out["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    af_path = os.path.join(a.data, f"out-autofaiss-{a.budget}", "knn.index")
+    af = faiss.read_index(af_path)
+    faiss.ParameterSpace().set_index_parameters(af, af_res["params"])
+    results = {"data": a.data, "budget": a.budget, "load_before": [round(x, 2) for x in os.getloadavg()]}
+    for mode in a.modes.split(","):
+        ours_dir = os.path.join(a.data, f"out-ours-{mode}-{a.budget}")
+        if not os.path.exists(os.path.join(ours_dir, "index.json")):
+            continue
+        with open(os.path.join(ours_dir, "index.json")) as f:
+            img = json.load(f)["indices"]["image"]
+        ours = read_index(os.path.join(ours_dir, img["file"]), mmap=img["mmap"])
+        apply_search_params(ours, img["search_params"])
+        contenders = {"ours": ours, "autofaiss": af}
+        row = {
+            "ours": {
+                "factory": img["factory"],
+                "rotation": img.get("rotation", {}).get("chosen"),
+                "params": img["search_params"],
+                "tuning": img["tuning"].get("text_like_source"),
+            },
+            "autofaiss": {"factory": af_res["factory"], "params": af_res["params"]},
+        }
+        if mode in ("b", "c"):
+            af2 = faiss.read_index(af_path)
+            row["autofaiss_same_info"] = retune_autofaiss(af2, a.data, mode, xb, a.max_ms)
+            contenders["autofaiss_same_info"] = af2
+        for idx in contenders.values():  # warm the caches
+            idx.search(q[:50], 10)
+        ms = interleaved_ms(list(contenders.values()), q)
+        for (name, idx), t in zip(contenders.items(), ms, strict=True):
+            row[name]["recall_at_10_text"] = round(recall(idx, q, gt), 4)
+            row[name]["single_query_ms_median"] = t
+        results[mode] = row
+        print(mode, json.dumps(row), flush=True)
+    results["load_after"] = [round(x, 2) for x in os.getloadavg()]
     with open(os.path.join(a.data, f"interleaved-{a.budget}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ def main() -> None:
     import faiss
 
     from clipsearch.index.build import apply_search_params, read_index
+    from clipsearch.index.tune import single_query_ms
 
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -139,7 +140,10 @@ def main() -> None:
         ms = interleaved_ms(list(contenders.values()), q)
         for (name, idx), t in zip(contenders.items(), ms, strict=True):
             row[name]["recall_at_10_text"] = round(recall(idx, q, gt), 4)
-            row[name]["single_query_ms_median"] = t
+            row[name]["single_query_ms_median"] = t  # wall, a.threads threads, interleaved
+            # what the query costs on one idle core (as the server runs it; the machine's load aside)
+            row[name]["cpu_ms_1thread"] = single_query_ms(idx, q[:200])
+            faiss.omp_set_num_threads(a.threads)
         results[mode] = row
         print(mode, json.dumps(row), flush=True)
     results["load_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -232,6 +232,11 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
             labels = [str(i) for i in range(len(vectors))]
         nudge = _aesthetic_nudge(cfg, searcher.dim)
         bitmap = searcher.filter_bitmap(cfg.filter) if cfg.filter else None
+        pieces = None  # the model's tokenizer tells hybrid the words it knows from names
+        if cfg.mode == "hybrid" and callable(getattr(encoder, "tokenize", None)):
+            from clipsearch.search.hybrid import WordPieces
+
+            pieces = WordPieces(encoder.tokenize)
         params = SearchParams(nprobe=cfg.nprobe, efSearch=cfg.efSearch)
         meta_cols = [c for c in ("url", "caption") if searcher.metadata.has_column(c)]
         extra_cols = [
@@ -264,7 +269,7 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                     sims = res.distances[qi, rank]
                 else:
                     qi, rank, ids, sims, score, kw = _keyword_batch(
-                        searcher, cfg, batch_labels, q, bitmap, params
+                        searcher, cfg, batch_labels, q, bitmap, params, pieces
                     )
                     extra = {"score": score, "keyword_score": kw}
                 rows = searcher.rows(ids, meta_cols + extra_cols)
@@ -289,7 +294,9 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
     return {"queries": len(labels), "hits": hits, "output": cfg.output, "seconds": secs}
 
 
-def _keyword_batch(searcher: Any, cfg: QueryConfig, labels: list[str], q: np.ndarray | None, bitmap, params):
+def _keyword_batch(
+    searcher: Any, cfg: QueryConfig, labels: list[str], q: np.ndarray | None, bitmap, params, pieces=None
+):
     """Keyword or hybrid hits of a batch of prompts, flattened like the semantic ones (similarity NaN in
     keyword mode: no query vector)."""
     from clipsearch.keywords.query import parse
@@ -311,6 +318,7 @@ def _keyword_batch(searcher: Any, cfg: QueryConfig, labels: list[str], q: np.nda
                 filter=bitmap,
                 params=params,
                 fusion=cfg.fusion,
+                pieces=pieces,
             )
         parts.append((i, r))
     qi = (

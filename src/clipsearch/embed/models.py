@@ -167,6 +167,8 @@ class ClipEncoder:
         self.backend_info: dict[str, Any] = {"backend": backend, "precision": precision}
         self._image_fn = image_fn
         self._text_fn = text_fn
+        #: texts -> token ids (the model's own tokenizer); hybrid search asks it which words the model knows
+        self.tokenize: Callable[[list[str]], np.ndarray] | None = None
         self.precision_probe: dict[str, float] = {}  # images/s per precision, when `auto` was measured
         self.n_params = (
             sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else int(n_params)
@@ -628,6 +630,7 @@ def load_clip(
             logger.warning("%s; backend auto falls back to torch", e.one_line())
             choice = choice.fallback(f"{choice.backend} failed: {e}")
         else:
+            enc.tokenize = src.tokenize
             logger.info(
                 "loaded %r (%s) with %s %s (%s), dim %d",
                 name_or_path,
@@ -640,6 +643,7 @@ def load_clip(
             return enc
     prec = resolve_precision(choice.precision, dev)
     enc = _torch_encoder(src, dev)
+    enc.tokenize = src.tokenize
     enc.precision = prec
     enc.backend_info = {**choice.as_dict(), "precision": prec}
     if compile:

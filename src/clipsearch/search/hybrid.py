@@ -7,33 +7,35 @@ search, and gives every candidate both scores: its cosine similarity (exact from
 reconstructed vector when only the keyword side found it) and its BM25 score (0 when the caption does not
 match). Two fusions:
 
-- `weighted` (default): CLIP ranks, and the caption matches of the query's *specific* words come first.
+- `weighted` (default): CLIP ranks, and the caption matches of the query's words that CLIP does not
+  understand (names: serial numbers, made-up words, brands) come first.
       score = sem + lambda(q) * kw
-      sem = (cos - cos@100) / (cos_max - cos@100), clipped to [0, 1]: the cosine scaled between the
-            semantic list's 100th hit (or its last) and the best candidate; fixed points of the list, so a
-            deeper page does not reorder the earlier ones.
-      w(u), per word or phrase u of the query, from the share f of the captions that hold it:
-            f <= 1 %: 2 (a name: a serial number, a made-up word, a brand);  f >= 5 %: 0 (a description word:
-            "red", "circle", "a"; CLIP understands those better than a caption match says);
-            between: 2 * ln(5 % / f) / ln(5), linear in log-frequency. A required (+word) or quoted unit: 2.
+      sem = (cos - cos_min) / (cos_max - cos_min) over the candidates: the cosine scaled to [0, 1].
+      w(u), per word or phrase u of the query: 2 for a *name*, else 0. A name is in fewer than 5 % of the
+            captions (a description word such as "red", "circle" or "a" is not) and the model does not know
+            it: it holds a digit or joins parts (`XK-4471`), or the query encoder's tokenizer cuts it into
+            two pieces or more (a made-up name, a rare brand: CLIP's vocabulary gives a token of its own to
+            the words it saw often). Without a tokenizer (an injected encoder): a word in at most 1 % of the
+            captions. A required (+word) or quoted unit: 2. No partial weights: a lift smaller than the
+            semantic range only lets near-misses whose captions hold a word overtake better images.
       kw  = BM25 over the units with w > 0 only / the best such BM25: 1 for the best match of the names.
       lambda(q) = max w(u): 2 when the query holds a name, so its caption matches (lambda * kw > 1, more
             than the whole semantic range) rank above every caption without it, in CLIP's order; 0 for a
-            purely descriptive query, which then ranks exactly as `semantic`.
+            query CLIP understands, which then ranks exactly as `semantic`.
   `+word` and quoted phrases keep only rows whose caption has them; `-word` drops rows whose caption has it.
 - `rrf`: reciprocal rank fusion over CLIP's list and the full BM25 list (every word), score =
   1/(60 + rank_sem) + 1/(60 + rank_kw) (a side that did not list a row adds nothing). Parameter-free and
   scale-free, but it gives a common word's BM25 list as much say as CLIP's, and a name's exact matches only
   half of the first page.
 
-The 1 % / 5 % bounds were set on a development corpus, kept apart from the evaluation corpora of
+The 5 % and 1 % shares and the two-piece rule were set on development corpora, kept apart from the evaluation corpora of
 docs/bench-hybrid.md (other seeds, sizes and a caption profile the development never saw).
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +47,6 @@ from clipsearch.search.searcher import SearchParams, require_keywords
 
 MODES = ("semantic", "keyword", "hybrid")
 FUSIONS = ("weighted", "rrf")
-NORM_RANK = 100  # the semantic hit whose cosine is the floor of the scaled similarity
 MIN_DEPTH = 100  # candidates from each side, at least
 RRF_K = 60
 MAX_WEIGHT = 2.0
@@ -75,11 +76,41 @@ def check_mode(mode: str, fusion: str = "weighted") -> None:
         )
 
 
-SPECIFIC = 0.01  # a word in at most this share of the captions is a name: its matches rank first
-COMMON = 0.05  # a word in at least this share is a description word: CLIP's business
+COMMON = 0.05  # a word in at least this share of the captions is a description word, never a name
+RARE = 0.01  # without the model's tokenizer: a word in at most this share of the captions is a name
 
 
-def unit_weights(s: Any, q: KeywordQuery) -> dict[Any, float]:
+class WordPieces:
+    """How many pieces the model's tokenizer cuts a word into (cached): a word the model saw often enough to
+    give it one token of its own is a word it knows; a serial number or a made-up name comes out in pieces."""
+
+    def __init__(self, tokenize: Callable[[list[str]], np.ndarray]):
+        self._tokenize = tokenize
+        self._special = {int(i) for i in np.asarray(tokenize([""]))[0].tolist()}  # start, end, padding
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, word: str) -> int:
+        n = self._cache.get(word)
+        if n is None:
+            ids = np.asarray(self._tokenize([word]))[0].tolist()
+            n = sum(1 for i in ids if int(i) not in self._special)
+            if len(self._cache) < 100_000:
+                self._cache[word] = n
+        return n
+
+
+def is_name(u: Any, f: float, pieces: WordPieces | None) -> bool:
+    """A word or compound the model does not know (module docstring)."""
+    if f >= COMMON:
+        return False
+    if u.joined is not None or any(ch.isdigit() for t in u.terms for ch in t):
+        return True  # a code: XK-4471, v2.1, SN 48291
+    if pieces is None:
+        return f <= RARE
+    return any(pieces(t) >= 2 for t in u.terms)
+
+
+def unit_weights(s: Any, q: KeywordQuery, pieces: WordPieces | None = None) -> dict[Any, float]:
     """w(u) of each positive word or phrase of the query (module docstring)."""
     units = q.positive
     if not units:
@@ -90,33 +121,34 @@ def unit_weights(s: Any, q: KeywordQuery) -> dict[Any, float]:
         if u in q.must:
             out[u] = MAX_WEIGHT  # asked for explicitly
         elif df <= 0 or n <= 0:
-            out[u] = 0.0  # in no caption: nothing to lift
+            out[u] = 0.0
         else:
-            f = df / n
-            if f <= SPECIFIC:
-                out[u] = MAX_WEIGHT
-            elif f >= COMMON:
-                out[u] = 0.0
-            else:
-                out[u] = MAX_WEIGHT * math.log(COMMON / f) / math.log(COMMON / SPECIFIC)
+            out[u] = MAX_WEIGHT if is_name(u, df / n, pieces) else 0.0
     return out
 
 
-def keyword_weight(s: Any, q: KeywordQuery) -> float:
-    """lambda(q) of the weighted fusion: the weight of the query's most specific word or phrase."""
-    return max(unit_weights(s, q).values(), default=0.0)
+def _caption_terms(s: Any, ids: np.ndarray) -> list[set[str]]:
+    from clipsearch.keywords.analyzer import index_text
+
+    if len(ids) == 0 or not s.metadata.has_column("caption"):
+        return []
+    return [set(index_text(r.get("caption")).split()) for r in s.rows(ids, ["caption"])]
+
+
+def _holds(terms: set[str], u: Any) -> bool:
+    return set(u.terms) <= terms or (u.joined is not None and u.joined in terms)
+
+
+def keyword_weight(s: Any, q: KeywordQuery, pieces: WordPieces | None = None) -> float:
+    """lambda(q) of the weighted fusion: 2 when the query holds a name, else 0."""
+    return max(unit_weights(s, q, pieces).values(), default=0.0)
 
 
 def _caption_has(s: Any, ids: np.ndarray, units: list[Any]) -> np.ndarray:
     """Whether each row's caption holds any of `units` (all of a phrase's terms)."""
-    from clipsearch.keywords.analyzer import terms
-
     out = np.zeros(len(ids), dtype=bool)
-    if not s.metadata.has_column("caption"):
-        return out
-    for j, row in enumerate(s.rows(ids, ["caption"])):
-        have = set(terms(row.get("caption")))
-        out[j] = any(set(u.terms) <= have or (u.joined is not None and u.joined in have) for u in units)
+    for j, have in enumerate(_caption_terms(s, ids)):
+        out[j] = any(_holds(have, u) for u in units)
     return out
 
 
@@ -166,8 +198,10 @@ def hybrid_search(
     filter: Any = None,
     params: SearchParams | None = None,
     fusion: str = "weighted",
+    pieces: WordPieces | None = None,
 ) -> RankedResult:
-    """The best `n` rows of CLIP and BM25 ranked as one (module docstring)."""
+    """The best `n` rows of CLIP and BM25 ranked as one (module docstring). `pieces`: the query encoder's
+    tokenizer, which tells the words the model knows from names."""
     require_keywords(s)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -184,7 +218,7 @@ def hybrid_search(
     t = time.perf_counter()
     weight = None
     if fusion == "weighted":
-        w = unit_weights(s, q)
+        w = unit_weights(s, q, pieces)
         weight = max(w.values(), default=0.0)
         kq = KeywordQuery(should=[u for u in q.should if w.get(u, 0.0) > 0], must=list(q.must),
                           must_not=list(q.must_not))  # fmt: skip
@@ -210,12 +244,8 @@ def hybrid_search(
         score[kpos] += 1.0 / (RRF_K + 1 + np.arange(len(k_ids)))
     else:
         hi = float(cos.max()) if len(cos) else 0.0
-        lo = (
-            float(s_cos[min(NORM_RANK, len(s_cos)) - 1])
-            if len(s_cos)
-            else (float(cos.min()) if len(cos) else 0.0)
-        )
-        sem_n = np.clip((cos - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.ones(len(cos))
+        lo = float(cos.min()) if len(cos) else 0.0
+        sem_n = (cos - lo) / (hi - lo) if hi > lo else np.ones(len(cos))
         top = float(bm25.max()) if len(bm25) and bm25.max() > 0 else 1.0
         score = sem_n + (weight or 0.0) * (bm25 / top)
     keep = np.ones(len(ids), dtype=bool)

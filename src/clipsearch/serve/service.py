@@ -140,6 +140,8 @@ class ServeState:
             settings.decode_wait_s,
         )
         self._preprocessor = preprocessor_of(encoder)
+        tok = getattr(encoder, "tokenize", None)  # tells hybrid search the words the model knows from names
+        self.word_pieces = hybrid.WordPieces(tok) if callable(tok) else None
         self.metrics.before_collect = self.refresh_gauges
         self.refresh_gauges()
 
@@ -402,8 +404,9 @@ class ServeState:
         if req.mode == "hybrid":
             assert kq is not None
             return hybrid.hybrid_search(
-                s, vec, kq, n, modality=modality, filter=req.filter, params=params, fusion=req.fusion
-            )
+                s, vec, kq, n, modality=modality, filter=req.filter, params=params, fusion=req.fusion,
+                pieces=self.word_pieces,
+            )  # fmt: skip
         res = s.search(vec.reshape(1, -1), n, modality=modality, filter=req.filter, params=params)
         ok = res.ids[0] >= 0
         d = res.distances[0][ok]

@@ -184,3 +184,27 @@ def test_keyword_mode_skips_the_text_encoder(hybrid_index):
     out = knn(c, text="QZ-9013 never encoded", mode="keyword")
     assert "encode" not in out["timings_ms"] and out["results"][0]["similarity"] is None
     assert np.isfinite(out["results"][0]["keyword_score"])
+
+
+def test_names_are_told_from_words_by_the_model_tokenizer():
+    from clipsearch.embed.models import load_clip
+    from clipsearch.keywords.query import parse
+    from clipsearch.search.hybrid import WordPieces, is_name
+
+    pieces = WordPieces(load_clip("clipsearch-tiny", backend="torch").tokenize)
+    unit = {u.render(): u for u in parse("wood red Vellmora XK-4471 sn48291").should}
+    # words the model knows
+    assert not is_name(unit["wood"], 0.02, pieces) and not is_name(unit["red"], 0.02, pieces)
+    assert is_name(unit["vellmora"], 0.004, pieces)  # cut into pieces: a name
+    assert is_name(unit["xk4471"], 0.0001, pieces) and is_name(unit["sn48291"], 0.0001, pieces)  # codes
+    assert not is_name(unit["vellmora"], 0.06, pieces)  # in 6 % of the captions: a word of this corpus
+    # without a tokenizer: a word in at most 1 % of the captions
+    assert is_name(unit["wood"], 0.005, None) and not is_name(unit["wood"], 0.02, None)
+
+
+def test_exclusion_and_required_words_in_hybrid(hybrid_index):
+    c, _, caps = hybrid_index
+    out = knn(c, text="a red circle -circle", mode="hybrid", k=20, deduplicate=False)
+    assert out["results"] and all("circle" not in caps[h["id"]] for h in out["results"])
+    out = knn(c, text="+Zorblat red", mode="hybrid", k=30, deduplicate=False)
+    assert {h["id"] for h in out["results"]} == set(BRAND_ROWS)

@@ -58,8 +58,9 @@ FILLERS = ["product photo", "buy now", "new arrival", "high quality image", "fre
 def line_names(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     out: set[str] = set()
+    longest = 4 if n <= 2000 else 5  # 2-3 syllables (8,400 names), 2-4 for the 1M corpus's 25,000 lines
     while len(out) < n:
-        k = int(rng.integers(2, 4))
+        k = int(rng.integers(2, longest))
         out.add("".join(SYLLABLES[int(i)] for i in rng.integers(0, len(SYLLABLES), k)).capitalize())
     return sorted(out)
 
@@ -70,7 +71,10 @@ def make_items(n: int, profile: str, seed: int) -> list[dict]:
     p = PROFILES[profile]
     rng = np.random.default_rng(seed)
     lines = line_names(max(1, int(n * p["p_line"] / p["per_line"])), seed + 1)
-    serials = rng.choice(900_000, size=n, replace=False) + 100_000
+    if n <= 900_000:
+        serials = rng.choice(900_000, size=n, replace=False) + 100_000
+    else:  # seven digits for the 1M corpus
+        serials = rng.permutation(9_000_000)[:n] + 1_000_000
     # every random draw up front, vectorised (1M items in seconds)
     col, shp, bgs = (rng.integers(0, len(x), n) for x in (COLORS, SHAPES, BACKGROUNDS))
     has_line, line_of = rng.random(n) < p["p_line"], rng.integers(0, len(lines), n)

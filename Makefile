@@ -41,7 +41,7 @@ lint: install-test
 	$(BIN)/ruff format --check src tests benchmarks scripts
 
 test: install-test system-deps test-venvs lint
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 clean:

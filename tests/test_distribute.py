@@ -1,5 +1,4 @@
 import os
-import shutil
 import sys
 
 import pytest
@@ -47,7 +46,6 @@ def test_bad_distributor_config():
 
 
 @pytest.mark.spark
-@pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java (make system-deps installs it)")
 def test_spark_backend_matches_local(tmp_path):
     from pyspark import cloudpickle
 

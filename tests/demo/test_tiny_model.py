@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from PIL import Image
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from PIL import Image  # noqa: E402
-
-import clipsearch  # noqa: E402
-from clipsearch.demo.sample import COLORS, SHAPES, make_image, sample_attributes  # noqa: E402
+import clipsearch
+from clipsearch.demo.sample import COLORS, SHAPES, make_image, sample_attributes
 
 MODEL_DIR = Path(
     os.environ.get("CLIPSEARCH_TINY_CLIP_DIR") or Path(clipsearch.__file__).parent / "demo" / "tiny_clip"

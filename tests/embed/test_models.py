@@ -127,9 +127,6 @@ def test_single_query_is_fast(enc: ClipEncoder) -> None:
     assert 50 / (time.perf_counter() - t0) > 50  # hundreds/s on an idle machine; loose for a loaded one
 
 
-@pytest.mark.skipif(
-    not (tiny_model_path() / "config.json").exists(), reason="shipped tiny model not built yet"
-)
 def test_shipped_tiny_model_is_the_offline_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     enc = load_clip()  # DEFAULT_MODEL

@@ -379,23 +379,8 @@ def test_config_validation():
 
 # ----------------------------------------------------------------------------------------- CLI
 def run_cli(argv: list[str]) -> int:
-    """`clipsearch ARGV`; while another stage's CLI is missing or mid-change, the same path for `import` alone."""
-    import argparse
-
-    try:
-        return main(argv)
-    except (ModuleNotFoundError, argparse.ArgumentError):
-        from clipsearch.errors import ClipsearchError
-        from clipsearch.interop import cli
-
-        p = argparse.ArgumentParser()
-        cli.add_arguments(p)
-        args = p.parse_args(argv[2:])
-        try:
-            return cli.run(args)
-        except ClipsearchError as e:
-            print(f"clipsearch import: error: {e.one_line()}", file=__import__("sys").stderr)
-            return 2
+    """`clipsearch ARGV` through the top-level command, as a user runs it."""
+    return main(argv)
 
 
 def test_cli(tmp_path, tiny_clip, capsys):

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (the Makefile installs it for CI)")
+    # make system-deps installs chromium: a missing one fails here, it is never a skip
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: run make system-deps (apt-get install chromium)"
     from playwright.sync_api import sync_playwright
 
     profile = tempfile.mkdtemp(prefix="clipsearch-chromium-")

@@ -120,7 +120,6 @@ def test_cli_bad_input_is_one_line(argv, fragment, capsys):
 
 def test_model_dimension_mismatch_names_the_fix(index_dir, tmp_path, capsys):
     """The index records model fake-clip (32-d); the shipped tiny model differs -> a one-line error."""
-    pytest.importorskip("clipsearch.embed.models")
     code = main(["serve", "--index", f"x={index_dir}", "--clip-model", "clipsearch-tiny", "--port", "1"])
     # (model loading may print progress lines first; the error itself is one line)
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
@@ -211,7 +210,6 @@ def test_no_docs_and_metrics_on_their_own_listener(tmp_path):
     from .conftest import free_port
     from .helpers import build_index
 
-    pytest.importorskip("clipsearch.embed.models")
     folder = str(tmp_path / "index")
     build_index(folder, n=200, dim=64, model="clipsearch-tiny", text_factory=None)
     port, mport = free_port(), free_port()

@@ -7,7 +7,6 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from clipsearch.errors import ModelLoadError
 from clipsearch.serve import ServeConfig, create_app
 
 from .conftest import png_bytes
@@ -16,11 +15,9 @@ from .helpers import build_index
 
 @pytest.fixture(scope="module")
 def tiny():
-    models = pytest.importorskip("clipsearch.embed.models")
-    try:
-        return models.load_clip("clipsearch-tiny", device="cpu")
-    except ModelLoadError as e:
-        pytest.skip(f"the shipped tiny model is not available: {e.one_line()}")
+    from clipsearch.embed.models import load_clip
+
+    return load_clip("clipsearch-tiny", device="cpu")
 
 
 def test_serve_with_the_model_named_in_index_json(tmp_path, tiny):

@@ -113,3 +113,29 @@ def test_bad_arguments(tmp_path):
         make_image("red", "circle", "mars", rng)
     with pytest.raises(ValueError, match="format"):
         generate_sample(tmp_path, 1, image_format="bmp")
+
+
+def test_quality_attribute_is_visible_and_leaves_sharp_images_alone(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from clipsearch.demo.sample import generate_sample
+
+    plain = generate_sample(tmp_path / "a", 60, seed=3, image_format="png")
+    mixed = generate_sample(tmp_path / "b", 60, seed=3, image_format="png", degraded=0.5)
+    assert {r["quality"] for r in plain} == {"sharp"}
+    counts = {q: sum(r["quality"] == q for r in mixed) for q in ("sharp", "blurred", "noisy")}
+    assert all(10 <= n <= 50 for n in counts.values()), counts
+
+    def detail(path):  # mean absolute difference between neighbouring pixels
+        a = np.asarray(Image.open(path).convert("L"), np.float32)
+        return float(np.abs(np.diff(a, axis=1)).mean())
+
+    for p, m in zip(plain, mixed, strict=True):
+        a, b = tmp_path / "a" / p["file"], tmp_path / "b" / m["file"]
+        if m["quality"] == "sharp":
+            assert a.read_bytes() == b.read_bytes()
+        elif m["quality"] == "blurred":
+            assert detail(b) < 0.6 * detail(a)
+        else:
+            assert detail(b) > 1.3 * detail(a)

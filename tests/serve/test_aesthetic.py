@@ -87,16 +87,24 @@ def test_build_table_bins_and_interpolates():
 
     v = _unit(rng.standard_normal((4000, DIM))).astype(np.float32)
     pred = LinearPredictor(w * 20.0, 4.5)  # scores spread over about 0..9
-    table, summary = build_table([v[:1500], v[1500:]], pred)
+    table, summary = build_table([v[:1500], v[1500:]], pred, method="bins")
     scores = np.clip(np.rint(pred(v)), 0, 9)
     for s in range(10):
         if summary["counts"][s]:
             assert np.allclose(table[s], v[scores == s].mean(0), atol=1e-5)
     assert sum(summary["counts"]) == 4000
     # only two bins filled: the others interpolate between them or copy the nearest
-    table, summary = build_table([v], type(pred)(np.zeros(DIM, np.float32), 0.0), scale=1.0, shift=3.0)
+    table, summary = build_table([v], type(pred)(np.zeros(DIM, np.float32), 0.0), shift=3.0, method="bins")
     assert summary["counts"][3] == 4000 and summary["interpolated"] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert np.allclose(table[9], table[3])
+    # direction: every row along the predictor's direction, signed by the score's side of the mean
+    table, summary = build_table([v], pred)
+    cos = table @ w / np.maximum(np.linalg.norm(table, axis=1), 1e-12)
+    m = summary["score_mean"]
+    assert all(
+        (c > 0.999) if s > m + 0.5 else (c < -0.999) if s < m - 0.5 else True for s, c in enumerate(cos)
+    )
+    assert np.isclose(np.linalg.norm(table[9]) / np.linalg.norm(table[0]), (9 - m) / m, rtol=1e-3)
 
 
 def test_aesthetic_command(tmp_path, capsys):

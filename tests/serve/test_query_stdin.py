@@ -128,5 +128,14 @@ def test_query_aesthetic_and_multilingual_options(tiny_index, tmp_path, run):
         ["--index", tiny_index, "--prompts", "-", "-o", str(nudged), "--aesthetic-score", "3"], stdin=b"x\n"
     )
     assert p.returncode == 2 and "aesthetic" in p.stderr.decode()
+    fr = tmp_path / "fr.parquet"
+    p = run([*args, "-o", str(fr), "--multilingual-model", "clipsearch-tiny-multilingual"],
+            stdin="un cercle rouge\n一个蓝色的正方形\n".encode())  # fmt: skip
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    rows = pq.read_table(fr).to_pylist()
+    english = sum("red circle" in c for c in pq.read_table(base).column("caption").to_pylist())
+    assert english >= 6  # the same query in English, through the tiny CLIP itself
+    assert sum("red circle" in r["caption"] for r in rows[:10]) >= english - 1
+    assert sum("blue square" in r["caption"] for r in rows[10:]) >= 6
     p = run([*args, "-o", str(nudged), "--multilingual-model", "/nonexistent/model"], stdin=b"x\n")
     assert p.returncode == 2 and "--multilingual-model" in p.stderr.decode()

@@ -8,11 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
+
+from clipsearch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "demo"
+#: share of the sample that is blurred or noisy: the quality attribute aesthetic nudging acts on
+DEGRADED = 0.4
+#: the quality predictor shipped beside the tiny CLIP (scripts/train_tiny_aesthetic.py)
+PREDICTOR = "aesthetic_predictor.safetensors"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="demo-data", help="where the sample and its index are built")
     parser.add_argument("--num-images", type=int, default=3000, help="images in the generated sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated sample")
+    parser.add_argument(
+        "--degraded",
+        type=float,
+        default=DEGRADED,
+        help="share of the sample's images that are blurred or noisy (their 'quality' column; aesthetic "
+        "nudging with the shipped predictor favours the sharp ones)",
+    )
     parser.add_argument("--no-serve", action="store_true", help="build only; do not start the server")
 
 
@@ -34,55 +48,91 @@ def _write_url_list(rows: list[dict], base_url: str, path: Path) -> None:
         "color": [r["color"] for r in rows],
         "shape": [r["shape"] for r in rows],
         "background": [r["background"] for r in rows],
+        "quality": [r.get("quality", "sharp") for r in rows],
     }
     pq.write_table(pa.table(cols), path)
 
 
-def build(data_dir: Path, num_images: int, seed: int, host: str, port: int) -> Path:
-    """Generate the sample, serve it on host:port, and run the pipeline. Returns the index folder."""
+def build(
+    data_dir: Path, num_images: int, seed: int, host: str, port: int, degraded: float = DEGRADED
+) -> Path:
+    """Generate the sample, serve it on host:port, run the pipeline, and rate the images with the shipped
+    quality predictor (the aesthetic table). Returns the index folder."""
     from clipsearch import pipeline as pl
     from clipsearch.demo.sample import generate_sample
     from clipsearch.demo.server import serve_directory
 
     sample_dir = data_dir / "sample"
     marker = sample_dir / "sample.jsonl"
-    if marker.exists():
-        rows = [json.loads(line) for line in marker.read_text().splitlines() if line.strip()]
+    rows = (
+        [json.loads(line) for line in marker.read_text().splitlines() if line.strip()]
+        if marker.exists()
+        else []
+    )
+    if rows and all("quality" in r for r in rows):
         logger.info("demo: reusing %d generated images in %s", len(rows), sample_dir)
     else:
-        logger.info("demo: generating %d images in %s", num_images, sample_dir)
-        rows = generate_sample(sample_dir, num_images, seed=seed)
+        logger.info(
+            "demo: generating %d images in %s (%.0f%% blurred or noisy)",
+            num_images,
+            sample_dir,
+            100 * degraded,
+        )
+        rows = generate_sample(sample_dir, num_images, seed=seed, degraded=degraded)
+        shutil.rmtree(data_dir / "build", ignore_errors=True)  # built from an older sample
     build_dir = data_dir / "build"
     index_dir = build_dir / "index"
     if (index_dir / "index.json").exists():
         logger.info("demo: reusing the index in %s", index_dir)
+        _rate(index_dir)
         return index_dir
     # The URLs name the port the web page will be served on, so the result grid can show the images.
     url_list = data_dir / "urls.parquet"
     _write_url_list(rows, f"http://{host}:{port}", url_list)
     cfg = pl.config_from_argv(
         ["--url-list", str(url_list), "--output-folder", str(build_dir), "--caption-col", "caption", "--save-additional-columns",
-         "color", "shape", "background"]
+         "color", "shape", "background", "quality"]
     )  # fmt: skip
     with serve_directory(data_dir, host=host, port=port):
         pl.pipeline(cfg)
+    _rate(index_dir)
     return index_dir
+
+
+def _rate(index_dir: Path) -> None:
+    """The aesthetic table of the demo index, from the quality predictor shipped with the tiny CLIP."""
+    from clipsearch.aesthetic.cli import AestheticConfig, rate_index
+    from clipsearch.aesthetic.table import TABLE_FILE
+    from clipsearch.embed.models import tiny_model_path
+
+    if (index_dir / TABLE_FILE).exists():
+        return
+    rate_index(AestheticConfig(index=str(index_dir), predictor=str(tiny_model_path() / PREDICTOR)))
 
 
 def run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    index_dir = build(data_dir, args.num_images, args.seed, args.host, args.port)
+    if not (0.0 <= args.degraded <= 1.0):
+        raise ConfigError(f"--degraded must be between 0 and 1, got {args.degraded}", hint="--degraded 0.4")
+    index_dir = build(data_dir, args.num_images, args.seed, args.host, args.port, args.degraded)
     if args.no_serve:
         logger.info("demo: built %s", index_dir)
         return 0
     import uvicorn
     from fastapi.staticfiles import StaticFiles
 
+    from clipsearch.embed.multilingual import TINY_MULTILINGUAL
     from clipsearch.serve import ServeConfig
     from clipsearch.serve.app import create_app
 
-    app = create_app(ServeConfig(indices={INDEX_NAME: str(index_dir)}, host=args.host, port=args.port))
+    settings = ServeConfig(
+        indices={INDEX_NAME: str(index_dir)},
+        host=args.host,
+        port=args.port,
+        multilingual_models=(TINY_MULTILINGUAL,),  # queries in French, German, Spanish, Chinese
+    )
+    app = create_app(settings)
     app.mount("/sample", StaticFiles(directory=data_dir / "sample"), name="sample")
     logger.info("demo: open http://%s:%d/ (Ctrl-C stops)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -324,6 +324,40 @@ def _render(
     return img.point(lut.tolist())
 
 
+#: the visible quality attribute: degraded images are blurred or carry a coarse grain (sensor noise strong
+#: enough to survive the download's and the model's downscaling)
+QUALITIES: tuple[str, ...] = ("sharp", "blurred", "noisy")
+
+
+def sample_quality(i: int, seed: int, degraded: float) -> tuple[str, np.random.Generator]:
+    """Image i's quality for a sample whose `degraded` share is blurred or noisy (half each), and the
+    generator of its degradation. Independent of the image's own generator, so sharp images stay the same."""
+    rng = np.random.default_rng([seed, 3, i])
+    u = rng.random()
+    if u >= degraded:
+        return "sharp", rng
+    return ("blurred" if u < degraded / 2 else "noisy"), rng
+
+
+def degrade(img: Image.Image, quality: str, rng: np.random.Generator) -> Image.Image:
+    """Blur (Gaussian, 3-5 % of the short side) or grain (Gaussian noise, sigma 45-70, in cells of ~1 % of the
+    short side) an image; a sharp image is returned as it is."""
+    w, h = img.size
+    s = min(w, h)
+    if quality == "blurred":
+        return img.filter(ImageFilter.GaussianBlur(radius=s * float(rng.uniform(0.03, 0.05))))
+    if quality == "noisy":
+        a = np.asarray(img, np.float32)
+        cell = max(1, s // 90)
+        gh, gw = -(-h // cell), -(-w // cell)
+        grain = rng.normal(0.0, float(rng.uniform(45, 70)), (gh, gw, 3)).astype(np.float32)
+        grain = grain.repeat(cell, 0).repeat(cell, 1)[:h, :w]
+        return Image.fromarray(np.clip(a + grain, 0, 255).astype(np.uint8))
+    if quality != "sharp":
+        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    return img
+
+
 def make_caption(color: str, shape: str, background: str, rng: np.random.Generator) -> str:
     """A caption naming the three attributes, from a few templates."""
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
@@ -345,11 +379,16 @@ def sample_attributes(i: int, seed: int = 0) -> tuple[str, str, str, np.random.G
     return color, shape, background, rng
 
 
-def generate_sample(out_dir: str | Path, n: int, seed: int = 0, image_format: str = "jpg") -> list[dict]:
+def generate_sample(
+    out_dir: str | Path, n: int, seed: int = 0, image_format: str = "jpg", degraded: float = 0.0
+) -> list[dict]:
     """Write n images `img_{i:05d}.<ext>` and `sample.jsonl` into out_dir; return the jsonl rows.
 
-    Each row is ``{"file", "caption", "color", "shape", "background"}``. Deterministic for a seed.
+    Each row is ``{"file", "caption", "color", "shape", "background", "quality"}``. A `degraded` share of
+    the images is blurred or noisy (`quality`), the others are `sharp`. Deterministic for a seed.
     """
+    if not (0.0 <= degraded <= 1.0):
+        raise ValueError(f"degraded must be in [0, 1], got {degraded}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     fmt = _FORMATS.get(image_format.lower().lstrip("."))
@@ -363,13 +402,22 @@ def generate_sample(out_dir: str | Path, n: int, seed: int = 0, image_format: st
         color, shape, background, rng = sample_attributes(i, seed)
         img = make_image(color, shape, background, rng)
         caption = make_caption(color, shape, background, rng)
+        quality, qrng = sample_quality(i, seed, degraded)
+        img = degrade(img, quality, qrng)
         name = f"img_{i:05d}.{ext}"
         save_kw = {"quality": 90} if pil_format in ("JPEG", "WEBP") else {}
         tmp = out / f".{name}.tmp"
         img.save(tmp, format=pil_format, **save_kw)
         os.replace(tmp, out / name)
         rows.append(
-            {"file": name, "caption": caption, "color": color, "shape": shape, "background": background}
+            {
+                "file": name,
+                "caption": caption,
+                "color": color,
+                "shape": shape,
+                "background": background,
+                "quality": quality,
+            }
         )
     tmp = out / ".sample.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -197,6 +197,7 @@ class IndexInfo(BaseModel):
     modalities: dict[str, ModalityInfo]
     columns: dict[str, str]
     keywords: bool = Field(False, description="whether the index answers mode=keyword and mode=hybrid")
+    aesthetic: bool = Field(False, description="whether the index has aesthetic embeddings (aesthetic_score)")
     generation: int | None = Field(None, description="segment manifest generation (segmented indices)")
     deleted: int | None = Field(None, description="rows deleted since the last compaction")
     segments: list[SegmentInfo] | None = Field(None, description="the visible segments, in id order")
@@ -204,6 +205,9 @@ class IndexInfo(BaseModel):
 
 class IndicesResponse(BaseModel):
     indices: list[IndexInfo]
+    multilingual: list[str] = Field(
+        default_factory=list, description="multilingual text encoders served (the `multilingual` field)"
+    )
     default: str | None = Field(None, description="the index used when a request names none")
 
 

@@ -10,6 +10,7 @@ const els = {
   fCaption: $("f-caption"), fWidth: $("f-width"), fExpr: $("f-expr"), fClear: $("f-clear"), columns: $("columns"),
   status: $("status"), results: $("results"), more: $("more"), chip: $("query-chip"), chipThumb: $("query-thumb"),
   chipLabel: $("query-label"), chipClear: $("chip-clear"), overlay: $("drop-overlay"),
+  mlOpt: $("ml-opt"), multilingual: $("multilingual"), aesOpt: $("aes-opt"), aesthetic: $("aesthetic"),
 };
 
 // the current query: {kind: "text"|"image"|"image_url"|"id", value, label}
@@ -62,6 +63,7 @@ function updateFilterFields() {
     opt.title = opt.disabled ? "this index has no keyword index" : "";
   }
   if (!kw) els.mode.value = "semantic";
+  els.aesOpt.hidden = !(idx && idx.aesthetic);  // aesthetic nudging needs the index's table
   const mods = idx ? Object.keys(idx.modalities) : ["image"];
   for (const opt of els.modality.options) opt.disabled = !mods.includes(opt.value);
   if (!mods.includes(els.modality.value)) els.modality.value = mods[0];
@@ -80,6 +82,7 @@ async function loadIndices() {
       els.index.appendChild(o);
     }
     els.index.closest("label").hidden = indices.length <= 1;
+    els.mlOpt.hidden = !(data.multilingual && data.multilingual.length);
     updateFilterFields();
   } catch (e) {
     setStatus("Could not list the indices: " + e, true);
@@ -100,6 +103,11 @@ function buildRequest(offset) {
   if (current.kind === "text") {
     body.text = current.value;
     if (els.mode.value !== "semantic") body.mode = els.mode.value;  // keywords apply to text queries only
+    if (!els.mlOpt.hidden && els.multilingual.checked) body.multilingual = true;
+  }
+  if (!els.aesOpt.hidden && Number(els.aesthetic.value) > 0) {
+    body.aesthetic_score = 9;
+    body.aesthetic_weight = Number(els.aesthetic.value);
   }
   else if (current.kind === "image_url") body.image_url = current.value;
   else if (current.kind === "id") { body.id = current.value; if (current.index) body.index = current.index; }
@@ -300,7 +308,7 @@ els.fClear.addEventListener("click", () => { els.fCaption.value = ""; els.fWidth
 for (const el of [els.fCaption, els.fWidth, els.fExpr]) {
   el.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); search(false); } });
 }
-for (const el of [els.modality, els.k, els.safe, els.dedup]) el.addEventListener("change", () => search(false));
+for (const el of [els.modality, els.k, els.safe, els.dedup, els.multilingual, els.aesthetic]) el.addEventListener("change", () => search(false));
 els.mode.addEventListener("change", () => { if (current && current.kind === "text") rememberQuery(current.value); search(false); });
 els.index.addEventListener("change", () => { updateFilterFields(); if (current && current.kind === "id") return; search(false); });
 

@@ -17,7 +17,9 @@ router = APIRouter(tags=["indices"])
 )
 def indices(state: State) -> dict[str, Any]:
     return {
-        "indices": [{**s.describe(), "aesthetic": name in state.aesthetic} for name, s in state.searchers.items()],
+        "indices": [
+            {**s.describe(), "aesthetic": name in state.aesthetic} for name, s in state.searchers.items()
+        ],
         "default": state.default_index,
         "multilingual": list(state.multilingual),
     }

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.embed.models import (
+    DEFAULT_MODEL,
     OPEN_CLIP_PREFIX,
     _hf_kwargs,
     _hub_error,
@@ -251,8 +252,8 @@ def _folder_of(name: str) -> Path | None:
         if not (p / "config.json").exists():
             raise ModelLoadError(f"the shipped tiny multilingual encoder is missing from {p}", hint=HINT)
         return p
-    if name.startswith(OPEN_CLIP_PREFIX):
-        return None
+    if name.startswith(OPEN_CLIP_PREFIX) or name == DEFAULT_MODEL:
+        return None  # load_clip knows them (the shipped tiny CLIP needs no hub look-up)
     p = Path(name).expanduser()
     if p.is_dir():
         return p.resolve()

@@ -279,6 +279,14 @@ def make_speed_embeddings(root: Path, n: int, d: int, model: str, seed: int = 5)
     return items
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (every thread) and its finished children."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench_build(work: Path, a: argparse.Namespace) -> dict:
     from clipsearch.index import IndexConfig, build_index
 
@@ -287,19 +295,44 @@ def bench_build(work: Path, a: argparse.Namespace) -> dict:
     t0 = time.time()
     make_speed_embeddings(emb, a.n_speed, a.dim, a.model)
     gen_s = time.time() - t0
+    cpu: dict[str, float] = {}
     if (idx / "index.json").exists():
         info = json.loads((idx / "index.json").read_text())
+        cpu = info.get("cpu_s", {})
     else:
+        import shutil
+
+        import clipsearch.keywords.writer as kw_writer
+
+        shutil.rmtree(idx, ignore_errors=True)  # a killed build's parts: measure a whole build
+        real = kw_writer.build_keyword_index
+
+        def timed_keywords(*args, **kwargs):  # CPU seconds of the keyword stage (all tantivy's threads)
+            c = _cpu_s()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                cpu["keywords_s"] = _cpu_s() - c
+
+        kw_writer.build_keyword_index = timed_keywords  # runner imports it at call time
         load0 = sb.uptime()
-        info = build_index(IndexConfig(embeddings_folder=str(emb), index_folder=str(idx), progress=False))
-        info["load_before"] = load0
+        c0 = _cpu_s()
+        try:
+            info = build_index(IndexConfig(embeddings_folder=str(emb), index_folder=str(idx), progress=False))
+        finally:
+            kw_writer.build_keyword_index = real
+        cpu["total_s"] = _cpu_s() - c0
+        cpu = {k: round(v, 2) for k, v in cpu.items()}
+        info["load_before"], info["cpu_s"] = load0, cpu
     tm = info["timings"]
     kw = float(tm.get("keywords_s", 0.0))
     rest = float(tm["total_s"]) - kw
-    out = {"rows": a.n_speed, "dim": a.dim, "generate_s": round(gen_s, 1), "timings": tm,
+    out = {"rows": a.n_speed, "dim": a.dim, "generate_s": round(gen_s, 1), "timings": tm, "cpu_s": cpu,
            "factories": {m: e["factory"] for m, e in info["indices"].items()},
            "keywords": info.get("keywords"), "keyword_share_of_rest": round(kw / rest, 4),
            "load_before": info.get("load_before"), "load_after": sb.uptime()}  # fmt: skip
+    if cpu.get("keywords_s") is not None:  # CPU time: what load on a shared machine does not inflate
+        out["keyword_cpu_share_of_rest"] = round(cpu["keywords_s"] / (cpu["total_s"] - cpu["keywords_s"]), 4)
     print("build", json.dumps(out), flush=True)
     return out
 
@@ -349,7 +382,12 @@ def bench_serve(work: Path, a: argparse.Namespace) -> dict:
             for m in modes:
                 bodies = [{"text": t, "k": 10, "mode": m} for t in prompts[pos : pos + 5000]]
                 pos += 5000 if pos + 10_000 < len(prompts) else -pos + 400
+                c = sb.cpu_seconds(proc.pid)
                 r = sb.load(port, "/knn", bodies, 1, a.duration)
+                # the server's CPU per request: load on the machine stretches wall time, not this
+                r["server_cpu_ms_per_request"] = round(
+                    1000 * (sb.cpu_seconds(proc.pid) - c) / max(1, r["requests"]), 2
+                )
                 rounds[m].append(r)
                 print(m, json.dumps(r), flush=True)
         out = {"startup_s": round(startup, 1), "model": a.model, "backend": a.backend, "load_before": load0,
@@ -357,6 +395,14 @@ def bench_serve(work: Path, a: argparse.Namespace) -> dict:
         med = {m: float(np.median([r["p50_ms"] for r in rs])) for m, rs in rounds.items()}
         out["p50_ms"] = med
         out["hybrid_over_semantic"] = round(med["hybrid"] / med["semantic"], 3)
+        # per round (each round runs the three modes back to back, so a ratio within a round shares its load)
+        out["hybrid_over_semantic_per_round"] = [
+            round(h["p50_ms"] / s["p50_ms"], 3)
+            for h, s in zip(rounds["hybrid"], rounds["semantic"], strict=True)
+        ]
+        cpu = {m: float(np.median([r["server_cpu_ms_per_request"] for r in rs])) for m, rs in rounds.items()}
+        out["server_cpu_ms_per_request"] = cpu
+        out["hybrid_over_semantic_cpu"] = round(cpu["hybrid"] / cpu["semantic"], 3)
         out["keyword_over_semantic"] = round(med["keyword"] / med["semantic"], 3)
         out["rss_mb"] = sb.rss(proc.pid)
         print("serve", json.dumps(out), flush=True)

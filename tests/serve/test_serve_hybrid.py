@@ -151,6 +151,27 @@ def test_long_query_is_cut_and_said(hybrid_index):
     assert any("cut" in n for n in out["notes"])
 
 
+def test_text_over_the_limit_is_cut_in_keyword_and_hybrid_refused_in_semantic(hybrid_index):
+    c, _, _ = hybrid_index
+    text = "QZ-9013 " + " ".join(["wordy"] * 600)  # 3,607 characters
+    for mode in ("keyword", "hybrid"):
+        out = knn(c, text=text, mode=mode)
+        assert out["notes"][0] == "the text was cut to its first 1999 characters (max_text_chars)"
+        assert out["results"][0]["id"] == 222  # the code at its start is still searched
+    r = c.post("/knn", json={"index": "kw", "text": text, "mode": "semantic"})
+    assert r.status_code == 400 and "longer than 2000 characters" in r.json()["detail"]
+    assert c.post("/knn", json={"index": "kw", "text": "x" * 100_001, "mode": "keyword"}).status_code == 422
+
+
+def test_cut_text_keeps_whole_words():
+    from clipsearch.serve.service import cut_text
+
+    assert cut_text("abc def", 10) == ("abc def", False)
+    assert cut_text("abcd efgh", 7) == ("abcd", True)  # not "abcd ef"
+    assert cut_text("abc def", 4) == ("abc", True)
+    assert cut_text("abcdefgh", 5) == ("abcde", True)  # one long word: cut inside it
+
+
 def test_bad_mode_input_is_4xx(hybrid_index):
     c, _, _ = hybrid_index
     r = c.post("/knn", json={"index": "plain", "text": "red", "mode": "hybrid"})

@@ -13,6 +13,7 @@ QUERY_INPUTS = ("text", "image", "image_url", "embedding", "id")
 MAX_K = 1000
 MAX_OFFSET = 5_000
 MAX_TEXT = 2000
+MAX_TEXT_RECEIVED = 100_000  # /knn takes longer texts: keyword and hybrid queries are cut to max_text_chars
 MAX_FILTER = 2000
 MAX_EMBEDDING_DIM = 4096
 MAX_IDS = 10_000
@@ -32,7 +33,13 @@ class KnnRequest(BaseModel):
         },
     )
 
-    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="search by text")
+    text: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT_RECEIVED,
+        description="search by text: at most max_text_chars (2,000) characters in mode semantic (a longer "
+        "text is a 400); mode keyword and hybrid cut a longer one to that limit and say so in `notes`",
+    )
     image: str | None = Field(
         None, min_length=1, description="search by image: base64 bytes (a data: URL is accepted)"
     )
@@ -239,7 +246,7 @@ def multipart_schema(files: bool = True) -> dict[str, Any]:
     file."""
     props: dict[str, Any] = {
         "image": {"type": "string", "format": "binary", "description": "the query image file"},
-        "text": {"type": "string", "maxLength": MAX_TEXT},
+        "text": {"type": "string", "maxLength": MAX_TEXT_RECEIVED},
         "image_url": {"type": "string", "maxLength": 4096},
         "embedding": {"type": "string", "description": "JSON array of floats"},
         "id": {"type": "integer", "minimum": 0},

@@ -13,7 +13,7 @@ import decimal
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,19 @@ BASE_COLUMNS = ("url", "caption")
 
 class NotFound(InputError):
     """An unknown index name (HTTP 404)."""
+
+
+def cut_text(text: str, limit: int) -> tuple[str, bool]:
+    """`text` cut to at most `limit` characters, at the last space when there is one in its second half (a
+    word is not split); whether it was cut."""
+    if len(text) <= limit:
+        return text, False
+    head = text[:limit]
+    if not text[limit].isspace():
+        space = head.rfind(" ")
+        if space > limit // 2:
+            head = head[:space]
+    return head.rstrip(), True
 
 
 @dataclass
@@ -289,7 +302,10 @@ class ServeState:
         req = q.req
         if req.text is not None:
             if len(req.text) > self.settings.max_text_chars:
-                raise InputError(f"text is longer than {self.settings.max_text_chars} characters")
+                raise InputError(
+                    f"text is longer than {self.settings.max_text_chars} characters",
+                    hint="a shorter text (CLIP reads its first 77 tokens), or mode=keyword|hybrid, which cut it",
+                )
             vec, secs = await self.text_batcher(req.multilingual, q.multilingual_field).encode(req.text)
             timings["encode"] = secs
             return vec
@@ -354,9 +370,13 @@ class ServeState:
                     hint="text, or mode=semantic for image, image_url, embedding and id queries",
                 )
             require_keywords(s)
-            if len(req.text) > self.settings.max_text_chars:
-                raise InputError(f"text is longer than {self.settings.max_text_chars} characters")
-            kq = parse_keywords(req.text)
+            text, cut = cut_text(req.text, self.settings.max_text_chars)
+            if cut:  # a pasted paragraph: searched by its beginning, as the issue's users expect
+                req = req.model_copy(update={"text": text})
+                q = replace(q, req=req)
+            kq = parse_keywords(text)
+            if cut:
+                kq.notes.insert(0, f"the text was cut to its first {len(text)} characters (max_text_chars)")
         # keyword mode needs no query vector: the text encoder is skipped
         vec = await self.query_vector(q, s, timings) if req.mode != "keyword" else None
         params = SearchParams(nprobe=req.nprobe, efSearch=req.efSearch)

@@ -56,3 +56,17 @@ def test_spark_backend_matches_local(tmp_path):
     assert not res[2].ok and "three is bad" in res[2].error
     res = distribute(flaky_unit, [str(tmp_path / "b")], cfg)
     assert res[0].ok and res[0].extra["attempts"] == 2
+
+
+@pytest.mark.parametrize(("retries", "attempts"), [("0", 1), ("3", 4)])
+def test_max_retries_option(retries, attempts):
+    """--max-retries N (every stage's distributor option): a unit that always fails is tried N+1 times."""
+    import argparse
+
+    from clipsearch import distribute as dist
+
+    p = argparse.ArgumentParser()
+    dist.add_arguments(p)
+    cfg = dist.config_from_args(p.parse_args(["--max-retries", retries]), processes=1)
+    res = distribute(square_unit, [3], cfg)
+    assert not res[0].ok and res[0].extra["attempts"] == attempts

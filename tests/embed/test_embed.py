@@ -180,17 +180,9 @@ def test_unit_is_picklable(tmp_path: Path, tiny_clip: str) -> None:
     assert res.ok and res.counts["rows"] == 8
 
 
-def test_cli_options(tmp_path: Path, tiny_clip: str) -> None:
-    p = argparse.ArgumentParser()
-    embed_cli.add_arguments(p)
-    args = p.parse_args(
-        ["--input-dataset", "in", "--output-folder", "out", "--clip-model", tiny_clip, "--no-enable-text",
-         "--batch-size", "8", "--num-prepro-workers", "2", "--device", "cpu", "--precision", "fp32",
-         "--shards-per-part", "3", "--no-progress", "--compile"]
-    )  # fmt: skip
-    cfg = embed_cli.config_from_args(args)
-    assert (cfg.enable_text, cfg.enable_image, cfg.batch_size, cfg.num_prepro_workers) == (False, True, 8, 2)
-    assert (cfg.shards_per_part, cfg.progress, cfg.compile, cfg.distributor.processes) == (3, False, True, 1)
+def test_pipeline_embed_options() -> None:
+    """pipeline supplies the folders, the format and the distributor; embed's other options are shared (their
+    effects: test_cli_effects.py)."""
     pp = argparse.ArgumentParser()
     embed_cli.add_arguments(pp, pipeline=True)
     opts = {o for a in pp._actions for o in a.option_strings}

@@ -278,6 +278,14 @@ def test_startup_errors_are_one_line(tmp_path, index_dir):
 
 
 def test_query_vector_normalisation_of_embedding(single):
-    v = np.zeros(32, np.float32)
-    v[0] = 1e-30
-    assert single.post("/knn", json={"embedding": v.tolist()}).status_code in (200, 400)
+    """An embedding is a direction: 1e-30 * e0 answers exactly as e0 does; the zero vector has none."""
+    unit = np.zeros(32)
+    unit[0] = 1.0
+    r = single.post("/knn", json={"embedding": unit.tolist(), "k": 10})
+    assert r.status_code == 200, r.text
+    tiny = single.post("/knn", json={"embedding": (unit * 1e-30).tolist(), "k": 10})
+    assert tiny.status_code == 200, tiny.text
+    got = [(h["id"], round(h["similarity"], 5)) for h in tiny.json()["results"]]
+    assert got == [(h["id"], round(h["similarity"], 5)) for h in r.json()["results"]] and len(got) == 10
+    r = single.post("/knn", json={"embedding": [0.0] * 32})
+    assert r.status_code == 400 and "non-zero" in r.text

@@ -113,8 +113,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
     g.add_argument("--image-size", default="256", metavar="PX", help="target size in pixels")
     g.add_argument("--resize-mode", default="border", metavar=_choices(RESIZE_MODES), help="how to resize")
     _flag(g, "--resize-only-if-bigger", "never upscale")
-    g.add_argument("--upscale-interpolation", default="lanczos", metavar=_choices(INTERPOLATIONS))
-    g.add_argument("--downscale-interpolation", default="area", metavar=_choices(INTERPOLATIONS))
+    g.add_argument(
+        "--upscale-interpolation",
+        default="lanczos",
+        metavar=_choices(INTERPOLATIONS),
+        help="resampling filter when an image is enlarged",
+    )
+    g.add_argument(
+        "--downscale-interpolation",
+        default="area",
+        metavar=_choices(INTERPOLATIONS),
+        help="resampling filter when an image is shrunk",
+    )
     g.add_argument(
         "--min-image-size", default="0", metavar="PX", help="reject images whose smaller side is below"
     )

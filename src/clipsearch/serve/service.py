@@ -334,13 +334,14 @@ class ServeState:
             timings["fetch"] = time.perf_counter() - t
             return await self._encode_image(data, timings)
         if req.embedding is not None:
-            v = np.asarray(req.embedding, dtype=np.float32)
+            # normalised in float64: a tiny vector (1e-30) is still a direction, its float32 norm is 0
+            v = np.asarray(req.embedding, dtype=np.float64)
             if v.shape[0] != s.dim:
                 raise InputError(f"embedding has {v.shape[0]} values, index {s.name!r} expects {s.dim}")
             norm = float(np.linalg.norm(v))
             if not math.isfinite(norm) or norm == 0.0:
                 raise InputError("embedding must be a non-zero vector of finite numbers")
-            return v / norm
+            return (v / norm).astype(np.float32)
         if req.id is not None:
             if req.id >= s.count:
                 raise InputError(f"id {req.id} does not exist in index {s.name!r} ({s.count} rows)")

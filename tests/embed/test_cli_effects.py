@@ -44,7 +44,8 @@ def reference_image_embeddings(model_dir: str, images: list[bytes]) -> np.ndarra
     )["pixel_values"]
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=pixels)
-    feats = getattr(feats, "pooler_output", feats)  # transformers 5: an output whose pooler_output is projected
+    # transformers 5 returns an output object whose pooler_output is the projected embedding
+    feats = getattr(feats, "pooler_output", feats)
     return torch.nn.functional.normalize(feats.float(), dim=-1).numpy()
 
 

@@ -24,6 +24,7 @@ class _State:
         self.hits: dict[str, int] = {}
         self.user_agents: list[str] = []
         self.stop = threading.Event()
+        self.gate = threading.Event()  # /gated answers once a test sets it
         self.in_flight = self.max_in_flight = 0
 
     def hit(self, key: str) -> int:
@@ -131,7 +132,12 @@ def make_handler(state: _State):
                     with state.lock:
                         state.in_flight -= 1
                     return self._send(200, ASSETS["small.jpg"][1])
-                if parts[0] == "delay":  # an image after 0.2 s: keeps a run busy for the kill test
+                if (
+                    parts[0] == "gated"
+                ):  # an image once the test opens the gate (the kill test), 120 s at most
+                    state.gate.wait(120)
+                    return self._send(200, ASSETS["small.jpg"][1])
+                if parts[0] == "delay":  # an image after 0.2 s
                     time.sleep(0.2)
                     return self._send(200, ASSETS["small.jpg"][1])
                 return self._send(404, b"unknown route", "text/plain")

@@ -121,10 +121,10 @@ def test_single_query_is_fast(enc: ClipEncoder) -> None:
     import time
 
     enc.encode_text(["warm up"])
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, which other processes' load does not inflate (wall time does)
     for _ in range(50):
         enc.encode_text(["a photo of a cat"])
-    assert 50 / (time.perf_counter() - t0) > 50  # hundreds/s on an idle machine; loose for a loaded one
+    assert 50 / (time.process_time() - t0) > 50  # hundreds/s of this process' CPU
 
 
 def test_shipped_tiny_model_is_the_offline_default(monkeypatch: pytest.MonkeyPatch) -> None:

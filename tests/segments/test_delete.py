@@ -71,10 +71,10 @@ def test_delete_in_a_running_app_without_restart(corpus, flat_index, monkeypatch
         delete_rows(DeleteConfig(flat_index, ids=tuple(victims)))
         while True:  # the server checks the manifest at most every LiveIndex.check_interval (0.5 s)
             hits = _knn(client, vec)["results"]
-            if hits[0]["id"] != 2042 or time.perf_counter() - t0 > 10:
+            if hits[0]["id"] != 2042 or time.perf_counter() - t0 > 60:  # a margin for a loaded machine
                 break
             time.sleep(0.05)
-        assert time.perf_counter() - t0 < 10
+        assert time.perf_counter() - t0 < 60
         assert not set(victims) & {r["id"] for r in hits}
         filtered_after = _knn(client, vec, filter="group == 2")
         got = [r["id"] for r in filtered_after["results"]]

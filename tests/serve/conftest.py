@@ -65,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/big.png":
             self._send(200, b"\0" * (3 * 1024 * 1024))
         elif path == "/slow.png":
-            time.sleep(2.0)
+            time.sleep(20.0)  # far past test_serve_fetch's 5 s deadline
             self._send(200, png_bytes(RGB["red"]))
         elif path == "/notimage.png":
             self._send(200, b"<html>nope</html>", "text/html")

@@ -17,7 +17,7 @@ def open_client(index_dir, encoder):
     settings = ServeConfig(
         indices={"shapes": index_dir},
         allow_url_hosts=("127.0.0.1",),
-        url_timeout_s=1.0,
+        url_timeout_s=5.0,  # local answers meet it at any load; /slow.png takes 20 s
         max_image_bytes=1024 * 1024,
     )
     with TestClient(create_app(settings, encoder=encoder)) as c:

@@ -122,6 +122,16 @@ def test_aesthetic_command(tmp_path, capsys):
     assert sum(summary["counts"]) == 400 and printed["counts"] == summary["counts"]
     # the images rated 9 are those closest to the predictor's direction
     assert float(table[9] @ vecs[0]) > float(table[0] @ vecs[0])
+    # --method bins: row s is the mean of the images rated s
+    argv = ["-q", "aesthetic", "--index", str(folder), "--predictor", str(tmp_path / "pred.pth")]
+    assert main([*argv, "--method", "bins", "--output", str(tmp_path / "bins.npy")]) == 0
+    bins = load_table(tmp_path / "bins.npy")
+    assert json.loads(capsys.readouterr().out)["method"] == "bins" and summary["method"] == "direction"
+    scores = np.clip(np.rint(vecs @ (vecs[0] * 9.0)), 0, 9)
+    assert np.allclose(bins[9], vecs[scores == 9].mean(0), atol=1e-5) and not np.allclose(bins, table)
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main([*argv, "--method", "median"])
+    assert e.value.code == 2 and "--method" in capsys.readouterr().err
     assert (
         main(
             ["-q", "aesthetic", "--index", str(tmp_path / "nope"), "--predictor", str(tmp_path / "pred.pth")]

@@ -216,5 +216,5 @@ def run(args: argparse.Namespace) -> int:
             method=args.method,
         )
     )
-    print(json.dumps({k: res[k] for k in ("output", "counts", "score_mean")}))
+    print(json.dumps({k: res[k] for k in ("output", "method", "counts", "score_mean")}))
     return 0

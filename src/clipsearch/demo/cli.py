@@ -112,14 +112,24 @@ def _rate(index_dir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     if not (0.0 <= args.degraded <= 1.0):
         raise ConfigError(f"--degraded must be between 0 and 1, got {args.degraded}", hint="--degraded 0.4")
+    data_dir.mkdir(parents=True, exist_ok=True)
     index_dir = build(data_dir, args.num_images, args.seed, args.host, args.port, args.degraded)
     if args.no_serve:
         logger.info("demo: built %s", index_dir)
         return 0
     import uvicorn
+
+    app = demo_app(index_dir, data_dir, args.host, args.port)
+    logger.info("demo: open http://%s:%d/ (Ctrl-C stops)", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def demo_app(index_dir: Path, data_dir: Path, host: str = "127.0.0.1", port: int = 8000):
+    """The app the demo serves: its index with the tiny CLIP, the tiny multilingual encoder, the page, and
+    the sample's images under /sample (the URLs the index holds)."""
     from fastapi.staticfiles import StaticFiles
 
     from clipsearch.embed.multilingual import TINY_MULTILINGUAL
@@ -128,12 +138,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings = ServeConfig(
         indices={INDEX_NAME: str(index_dir)},
-        host=args.host,
-        port=args.port,
+        host=host,
+        port=port,
         multilingual_models=(TINY_MULTILINGUAL,),  # queries in French, German, Spanish, Chinese
     )
     app = create_app(settings)
     app.mount("/sample", StaticFiles(directory=data_dir / "sample"), name="sample")
-    logger.info("demo: open http://%s:%d/ (Ctrl-C stops)", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return app

@@ -87,9 +87,8 @@ KNOWN_UNTESTED = {
     "--host", "--aesthetic-embeddings", "--workers", "--max-body-mb", "--max-image-mb", "--no-web",
     "--modality", "--nprobe", "--ef-search",
     "--indice-name", "--transfer", "--mmap", "--no-mmap", "--url-column", "--caption-column",
-    "--scale", "--shift", "--method",
+    "--scale", "--shift",
     "--serve", "--index-name", "--watch-interval",
-    "--data-dir", "--num-images", "--seed", "--no-serve", "--degraded",
 }  # fmt: skip
 
 

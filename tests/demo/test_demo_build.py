@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from clipsearch.cli import main
 from clipsearch.demo.cli import demo_app
 from clipsearch.demo.languages import LANGUAGES, canonical
-from clipsearch.demo.sample import COLORS, SHAPES
+from clipsearch.demo.sample import COLORS, SHAPES, sample_attributes
 
 PAIRS = [(c, s) for c in COLORS for s in SHAPES]
 N, DEGRADED, K = 1200, 0.4, 10
@@ -62,6 +62,7 @@ def test_degraded_share_reaches_the_index_and_is_rated(built):
     rows = [json.loads(x) for x in (data / "sample" / "sample.jsonl").read_text().splitlines()]
     quality = feather.read_table(index / "metadata.arrow", columns=["quality"]).column(0).to_pylist()
     assert len(quality) == len(rows) == N
+    assert [(r["color"], r["shape"]) for r in rows[:50]] == [sample_attributes(i, 5)[:2] for i in range(50)]
     assert sorted(quality) == sorted(r["quality"] for r in rows)  # every image downloaded, label kept
     for q, share in (("sharp", 1 - DEGRADED), ("blurred", DEGRADED / 2), ("noisy", DEGRADED / 2)):
         assert abs(quality.count(q) / N - share) < 0.05, (q, quality.count(q))

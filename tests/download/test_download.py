@@ -587,3 +587,163 @@ def test_caption_column_defaults_to_caption(server, tmp_path, column, expected):
     assert meta[0]["status"] == "success" and meta[0]["caption"] == expected
     with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
         assert tar.extractfile("000000000.txt").read().decode() == (expected or "")
+
+
+# ---------------------------------------------------------------- options run through the CLI, by effect
+
+
+def _palette_png(path: Path, size: tuple[int, int]) -> set[tuple[int, int, int]]:
+    """A lossless image of 6 flat colours in 4-pixel blocks; returns the colours."""
+    import numpy as np
+
+    palette = np.array(
+        [(230, 20, 20), (20, 200, 40), (30, 40, 220), (250, 250, 250), (0, 0, 0), (240, 200, 0)]
+    )
+    rng = np.random.default_rng(5)
+    w, h = size
+    blocks = rng.integers(0, len(palette), (h // 4 + 1, w // 4 + 1))
+    px = palette[np.kron(blocks, np.ones((4, 4), int))[:h, :w]].astype(np.uint8)
+    Image.fromarray(px).save(path)
+    return {tuple(c) for c in palette.tolist()}
+
+
+def _stored_colours(folder: Path) -> dict[str, set[tuple[int, int, int]]]:
+    """Colours of each stored image of a `files` output, by original file name."""
+    out = {}
+    for meta in folder.glob("*/*.json"):
+        row = json.loads(meta.read_text())
+        if row["status"] == "success":
+            im = Image.open(next(meta.parent.glob(meta.stem + ".png"))).convert("RGB")
+            out[row["url"].rsplit("/", 1)[1]] = {c for _, c in im.getcolors(1 << 20)}
+    return out
+
+
+def test_interpolation_options(tmp_path, capsys):
+    """--upscale-interpolation / --downscale-interpolation: nearest only ever copies source pixels (the output
+    holds the palette's colours and no other); lanczos and area blend them into new ones."""
+    from clipsearch.demo.server import serve_directory
+
+    www = tmp_path / "www"
+    www.mkdir()
+    palette = _palette_png(www / "small.png", (24, 20)) | _palette_png(www / "big.png", (400, 300))
+    with serve_directory(www) as base:
+        url_list = write_input(tmp_path, "txt", [{"url": f"{base}/small.png"}, {"url": f"{base}/big.png"}])
+        for up, down in (("nearest", "nearest"), ("lanczos", "area")):
+            out = tmp_path / up
+            code, err = run_cli(capsys, "--url-list", url_list, "--output-folder", str(out), "--output-format",
+                                "files", "--image-size", "64", "--resize-mode", "keep_ratio", "--encode-format",
+                                "png", "--upscale-interpolation", up, "--downscale-interpolation", down)  # fmt: skip
+            assert code == 0, err
+            colours = _stored_colours(out)
+            assert set(colours) == {"small.png", "big.png"}
+            for name, got in colours.items():
+                if up == "nearest":
+                    assert got <= palette, name
+                else:
+                    assert len(got - palette) > 10, name  # blended colours
+
+
+def test_size_and_byte_limits(server, tmp_path, capsys):
+    """--min-image-size rejects the 40x30 image at 35 px; --max-bytes rejects the body above it."""
+    from dl_assets import ASSETS
+
+    big = len(ASSETS["big.jpg"][1])
+    assert len(ASSETS["tall.jpg"][1]) < big
+    urls = [server.url(f"/img/{n}?limits") for n in ("small.jpg", "big.jpg", "tall.jpg")]
+    url_list = write_input(tmp_path, "txt", [{"url": u} for u in urls])
+    code, err = run_cli(capsys, "--url-list", url_list, "--output-folder", str(tmp_path / "out"),
+                        "--output-format", "parquet", "--min-image-size", "35", "--max-bytes", str(big - 1))  # fmt: skip
+    assert code == 0, err
+    meta, _ = read_output(tmp_path / "out", "parquet")
+    by_name = {r["url"].split("/img/")[1].split("?")[0]: r for r in meta.values()}
+    assert by_name["tall.jpg"]["status"] == "success"
+    assert (
+        by_name["small.jpg"]["status"] == "failed_to_resize"
+        and "too small" in by_name["small.jpg"]["error_message"]
+    )
+    assert by_name["big.jpg"]["status"] == "failed_to_download"
+    assert "larger than max_bytes" in by_name["big.jpg"]["error_message"]
+
+
+def test_disable_all_reencoding_keeps_the_served_bytes(server, tmp_path, capsys):
+    from dl_assets import ASSETS
+
+    url_list = write_input(tmp_path, "txt", [{"url": server.url("/img/other.jpg")}])
+    stored = {}
+    for flag in ([], ["--disable-all-reencoding"]):
+        out = tmp_path / ("raw" if flag else "resized")
+        code, err = run_cli(
+            capsys, "--url-list", url_list, "--output-folder", str(out), "--image-size", "64", *flag
+        )
+        assert code == 0, err
+        stored[bool(flag)] = next(iter(read_output(out, "webdataset")[1].values()))
+    assert stored[True] == ASSETS["other.jpg"][1]  # as served: 600x600, not 64x64
+    assert Image.open(io.BytesIO(stored[False])).size == (64, 64)
+
+
+def test_decode_threads_size_the_decode_pool(server, tmp_path, capsys, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipsearch.download import runner
+
+    sizes: list[int] = []
+
+    class Recording(ThreadPoolExecutor):
+        def __init__(self, max_workers=None, thread_name_prefix="", **kw):
+            if thread_name_prefix == "decode":
+                sizes.append(max_workers)
+            super().__init__(max_workers, thread_name_prefix, **kw)
+
+    monkeypatch.setattr(runner, "ThreadPoolExecutor", Recording)
+    url_list = write_input(tmp_path, "txt", [{"url": server.url(f"/img/tall.jpg?d{i}")} for i in range(6)])
+    code, err = run_cli(capsys, "--url-list", url_list, "--output-folder", str(tmp_path / "out"),
+                        "--decode-threads", "3")  # fmt: skip
+    assert code == 0, err
+    assert sizes == [3]
+    assert run_cli(capsys, "--url-list", url_list, "--output-folder", str(tmp_path / "o2"),
+                   "--decode-threads", "0")[0] == 2  # fmt: skip
+
+
+def test_max_connections_per_host_option(server, tmp_path, capsys):
+    url_list = write_input(tmp_path, "txt", [{"url": server.url(f"/conc?cli{i}")} for i in range(10)])
+    with server.state.lock:
+        server.state.in_flight = server.state.max_in_flight = 0
+    code, err = run_cli(capsys, "--url-list", url_list, "--output-folder", str(tmp_path / "out"),
+                        "--thread-count", "8", "--max-connections-per-host", "1")  # fmt: skip
+    assert code == 0, err
+    assert server.state.max_in_flight == 1
+
+
+def test_retry_failed_option(server, tmp_path, capsys):
+    urls = [server.url("/img/big.jpg")] + [server.url(f"/flaky/{i}?cli") for i in range(3)]
+    url_list = write_input(tmp_path, "txt", [{"url": u} for u in urls])
+    args = ["--url-list", url_list, "--output-folder", str(tmp_path / "out"), "--retries", "0"]
+    assert run_cli(capsys, *args)[0] == 0
+    assert run_cli(capsys, *args, "--retry-failed")[0] == 0
+    run = json.loads((tmp_path / "out" / "run_stats.json").read_text())
+    assert run["this_run"]["processed"] == 3 and run["total"]["status"] == {"success": 4}
+
+
+def test_wandb_project_reaches_wandb(server, tmp_path, capsys, monkeypatch):
+    """--enable-wandb --wandb-project P: a run is started in project P and the run's figures are logged to it
+    (a stand-in wandb module: no account, no network)."""
+    import types
+
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+
+    class Run:
+        def log(self, data, **kw):
+            calls["log"].append(data)
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    url_list = write_input(tmp_path, "txt", [{"url": server.url(f"/img/small.jpg?w{i}")} for i in range(3)])
+    code, err = run_cli(capsys, "--url-list", url_list, "--output-folder", str(tmp_path / "out"),
+                        "--enable-wandb", "--wandb-project", "my-crawl")  # fmt: skip
+    assert code == 0, err
+    assert [c["project"] for c in calls["init"]] == ["my-crawl"]
+    assert any(d.get("final/successes") == 3 for d in calls["log"]) and calls["finish"] == [True]

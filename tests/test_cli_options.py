@@ -76,13 +76,6 @@ def _test_sources() -> str:
 #: options still without a test of their effect (issue 21 works this list down to empty); an option
 #: listed here that a test now runs fails test_known_untested_is_current, so the list never goes stale
 KNOWN_UNTESTED = {
-    # download (and pipeline)
-    "--retry-failed", "--upscale-interpolation", "--downscale-interpolation", "--min-image-size",
-    "--disable-all-reencoding", "--decode-threads", "--max-connections-per-host", "--max-bytes",
-    "--wandb-project",
-    # index (and pipeline)
-    "--max-index-query-time-ms", "--index-key", "--metric-type", "--max-train-points",
-    "--should-be-memory-mappable", "--rotation",
     # serve, query, import, aesthetic, pipeline, demo
     "--host", "--aesthetic-embeddings", "--workers", "--max-body-mb", "--max-image-mb", "--no-web",
     "--modality", "--nprobe", "--ef-search",

@@ -76,9 +76,7 @@ def _test_sources() -> str:
 #: options still without a test of their effect (issue 21 works this list down to empty); an option
 #: listed here that a test now runs fails test_known_untested_is_current, so the list never goes stale
 KNOWN_UNTESTED = {
-    # serve, query, import, aesthetic, pipeline, demo
-    "--host", "--aesthetic-embeddings", "--workers", "--max-body-mb", "--max-image-mb", "--no-web",
-    "--modality", "--nprobe", "--ef-search",
+    # import, aesthetic, pipeline
     "--indice-name", "--transfer", "--mmap", "--no-mmap", "--url-column", "--caption-column",
     "--scale", "--shift",
     "--serve", "--index-name", "--watch-interval",

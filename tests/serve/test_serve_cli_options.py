@@ -1,0 +1,223 @@
+"""`serve` and `query` options, each run through its command-line path and checked by its effect: the
+address and processes that listen, what the app answers, and recall against numpy's exact search."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clipsearch.aesthetic.table import save_table
+from clipsearch.cli import main
+from clipsearch.serve import cli as serve_cli
+from clipsearch.serve import create_app
+
+from .conftest import free_port, png_bytes
+from .helpers import FakeEncoder, build_index
+
+
+def settings(argv: list[str]):
+    """The settings `clipsearch serve ARGV` starts with (the command's own parser and mapping)."""
+    p = argparse.ArgumentParser()
+    serve_cli.add_arguments(p)
+    return serve_cli.settings_from_args(p.parse_args(argv))
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: about 3 * side**2 bytes."""
+    px = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_app_options(index_dir, encoder, tmp_path, monkeypatch):
+    """--no-web, --max-body-mb, --max-image-mb and --aesthetic-embeddings change what the app answers."""
+    monkeypatch.delenv("CLIPSEARCH_SERVE_SETTINGS", raising=False)
+    table = tmp_path / "table.npy"  # score 9 is the direction of "green", every lower score "black"
+    rows = [encoder.word(c) / np.linalg.norm(encoder.word(c)) for c in ["black"] * 9 + ["green"]]
+    save_table(table, np.stack(rows))
+    base = ["--index", f"shapes={index_dir}"]
+    with TestClient(create_app(settings(base), encoder=encoder)) as c:  # the defaults, for comparison
+        assert c.get("/").status_code == 200 and "<html" in c.get("/").text.lower()
+        assert c.post("/knn", json={"text": "a red circle", "aesthetic_score": 9}).status_code == 400
+        plain = [
+            h["caption"] for h in c.post("/knn", json={"text": "a red circle", "k": 20}).json()["results"]
+        ]
+    opts = [
+        "--no-web",
+        "--max-body-mb",
+        "0.25",
+        "--max-image-mb",
+        "0.05",
+        "--aesthetic-embeddings",
+        str(table),
+    ]
+    with TestClient(create_app(settings(base + opts), encoder=encoder)) as c:
+        assert c.get("/").status_code == 404  # --no-web: the API only
+        assert c.get("/healthz").status_code == 200
+        r = c.post("/knn", json={"text": "a red circle " + "x" * 300_000})  # > 0.25 MB
+        assert r.status_code == 413 and "body" in r.text
+        small = base64.b64encode(png_bytes((40, 180, 60))).decode()
+        assert c.post("/knn", json={"image": small, "k": 3}).status_code == 200
+        big = base64.b64encode(noise_png(160)).decode()  # ~77 KB > 0.05 MB, the body itself < 0.25 MB
+        r = c.post("/knn", json={"image": big, "k": 3})
+        assert r.status_code == 400 and "52428 bytes limit" in r.text, r.text  # 0.05 MB
+        r = c.post(
+            "/knn", json={"text": "a red circle", "k": 20, "aesthetic_score": 9, "aesthetic_weight": 2}
+        )
+        nudged = [h["caption"] for h in r.json()["results"]]
+        assert sum("green" in x for x in nudged) > sum("green" in x for x in plain) + 3
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _children(pid: int) -> list[str]:
+    """Command lines of the processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == pid:
+                    with open(f"/proc/{d}/cmdline", "rb") as f:
+                        out.append(f.read().replace(b"\0", b" ").decode())
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def test_host_and_workers(tmp_path):
+    """`serve --host 127.0.0.2 --workers 2`: answers on 127.0.0.2 only, from two worker processes."""
+    folder = str(tmp_path / "index")
+    build_index(folder, n=200, dim=64, model="clipsearch-tiny", text_factory=None)
+    port = free_port()
+    argv = ["serve", "--index", f"t={folder}", "--host", "127.0.0.2", "--port", str(port), "--workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "CLIPSEARCH_SERVE_SETTINGS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch", *argv], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                if _get(f"http://127.0.0.2:{port}/healthz") == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        with pytest.raises(OSError):  # not listening on 127.0.0.1
+            _get(f"http://127.0.0.1:{port}/healthz")
+        workers = [c for c in _children(proc.pid) if "spawn_main" in c or "clipsearch" in c]
+        assert len(workers) == 2, _children(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _recall(found: list[list[int]], vecs: np.ndarray, q: np.ndarray, k: int = 10) -> float:
+    """Share of numpy's exact top-k found; a hit tied with the k-th exact score counts (captions repeat, so
+    text vectors do too)."""
+    sims = q @ vecs.T
+    kth = -np.sort(-sims, axis=1)[:, k - 1]
+    return float(np.mean([sum(sims[i, j] >= kth[i] - 1e-5 for j in f[:k]) / k for i, f in enumerate(found)]))
+
+
+def _query_ids(out, n: int = 40) -> list[list[int]]:
+    """The hits of each of the n queries (a query may have fewer than k, or none)."""
+    by_q: dict[str, list[int]] = {}
+    for r in pq.read_table(out).to_pylist():
+        by_q.setdefault(r["query"], []).append(r["id"])
+    return [by_q.get(str(i), []) for i in range(n)]
+
+
+def test_query_nprobe_and_modality(tmp_path):
+    """`query --nprobe N` on IVF64,Flat: nprobe 1 misses neighbours numpy's exact search finds, 64 (every
+    list) finds them all; --modality picks the image or the text index."""
+    folder = str(tmp_path / "ivf")
+    data = build_index(
+        folder, n=5000, encoder=FakeEncoder(32), image_factory="IVF64,Flat", text_factory="Flat"
+    )
+    image, text = data["image"].astype(np.float32), data["text"].astype(np.float32)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((40, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    np.save(tmp_path / "q.npy", q)
+
+    def run(*opts: str) -> list[list[int]]:
+        out = tmp_path / "hits.parquet"
+        argv = [
+            "query",
+            "--index",
+            folder,
+            "--embeddings",
+            str(tmp_path / "q.npy"),
+            "-k",
+            "10",
+            "-o",
+            str(out),
+        ]
+        assert main([*argv, *opts]) == 0
+        return _query_ids(out)
+
+    low, high = run("--modality", "image", "--nprobe", "1"), run("--modality", "image", "--nprobe", "64")
+    assert _recall(high, image, q) == 1.0 and _recall(low, image, q) < 0.8
+    on_text = run("--modality", "text")
+    assert _recall(on_text, text, q) == 1.0 and _recall(on_text, image, q) < 0.5
+
+
+def test_query_ef_search(tmp_path):
+    """`query --ef-search N` on an HNSW index: a search depth of 1 loses neighbours that 256 finds."""
+    folder = str(tmp_path / "hnsw")
+    data = build_index(folder, n=5000, encoder=FakeEncoder(32), image_factory="HNSW8,Flat", text_factory=None)
+    vecs = data["image"].astype(np.float32)
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((40, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    np.save(tmp_path / "q.npy", q)
+    recall = {}
+    for ef in ("1", "256"):
+        out = tmp_path / f"ef{ef}.parquet"
+        argv = ["query", "--index", folder, "--embeddings", str(tmp_path / "q.npy"), "-k", "10", "-o", str(out),
+                "--ef-search", ef]  # fmt: skip
+        assert main(argv) == 0
+        recall[ef] = _recall(_query_ids(out), vecs, q)
+    assert recall["256"] >= 0.9 and recall["1"] < recall["256"] - 0.2, recall
+
+
+def test_query_aesthetic_embeddings(index_dir, encoder, tmp_path):
+    """`query --aesthetic-score 9 --aesthetic-embeddings TABLE`: the table's score-9 direction ("green")
+    pulls the hits toward it; without the table the score has nothing to nudge with."""
+    table = tmp_path / "table.npy"
+    rows = [encoder.word(c) / np.linalg.norm(encoder.word(c)) for c in ["black"] * 9 + ["green"]]
+    save_table(table, np.stack(rows))
+    np.save(tmp_path / "q.npy", encoder.encode_text(["a red circle"]))
+    common = ["query", "--index", index_dir, "--embeddings", str(tmp_path / "q.npy"), "-k", "20"]
+    assert main([*common, "-o", str(tmp_path / "plain.parquet")]) == 0
+    assert main([*common, "-o", str(tmp_path / "nudged.parquet"), "--aesthetic-score", "9", "--aesthetic-weight",
+                 "2", "--aesthetic-embeddings", str(table)]) == 0  # fmt: skip
+
+    def green(name: str) -> int:
+        return sum("green" in c for c in pq.read_table(tmp_path / name).column("caption").to_pylist())
+
+    assert green("nudged.parquet") > green("plain.parquet") + 3

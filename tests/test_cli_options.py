@@ -73,27 +73,11 @@ def _test_sources() -> str:
     return "\n".join(p.read_text() for p in sorted(TESTS.rglob("*.py")) if p.resolve() != me)
 
 
-#: options still without a test of their effect (issue 21 works this list down to empty); an option
-#: listed here that a test now runs fails test_known_untested_is_current, so the list never goes stale
-KNOWN_UNTESTED = {
-    # import, aesthetic, pipeline
-    "--indice-name", "--transfer", "--mmap", "--no-mmap", "--url-column", "--caption-column",
-    "--scale", "--shift",
-    "--serve", "--index-name", "--watch-interval",
-}  # fmt: skip
-
-
 def untested(cmd: str, sources: str) -> list[str]:
     return [o for o in option_strings(cmd) if not re.search(rf"[\"']{re.escape(o)}[\"'=]", sources)]
 
 
 @pytest.mark.parametrize("cmd", list(COMMANDS))
 def test_every_option_is_run_by_a_test(cmd):
-    new = [o for o in untested(cmd, _test_sources()) if o not in KNOWN_UNTESTED]
-    assert new == [], f"`clipsearch {cmd}` options that no test runs: give each a test of its effect"
-
-
-def test_known_untested_is_current():
-    sources = _test_sources()
-    still = {o for cmd in COMMANDS for o in untested(cmd, sources)}
-    assert KNOWN_UNTESTED - still == set(), "tested now: remove them from KNOWN_UNTESTED"
+    missing = untested(cmd, _test_sources())
+    assert missing == [], f"`clipsearch {cmd}` options that no test runs: give each a test of its effect"

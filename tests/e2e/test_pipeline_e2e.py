@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -139,3 +141,81 @@ def test_malformed_url_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["download", "--url-list", str(bad), "--output-folder", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "urls.parquet" in err
+
+
+def test_serve_when_done_under_its_index_name(built):
+    """`pipeline ... --serve --host H --port P --index-name shapes`: once the (resumed) run is done, the index
+    answers over HTTP under that name, with the rows the URL list gave."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    root, out, rows = built
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["pipeline", "--url-list", str(root / "urls.parquet"), "--output-folder", str(out),
+            "--number-sample-per-shard", "100", "--save-additional-columns", "color", "shape",
+            "--serve", "--host", "127.0.0.1", "--port", str(port), "--index-name", "shapes"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch", "-q", *argv], stderr=subprocess.PIPE, text=True
+    )
+
+    def call(path: str, body: dict | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers={"content-type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                code, health = call("/healthz")
+                if code == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.3)
+        assert health["indices"] == ["shapes"]
+        code, res = call("/knn", {"text": "a red circle", "index": "shapes", "k": 5})
+        assert code == 200 and res["index"] == "shapes" and len(res["results"]) == 5
+        captions = {r["caption"] for r in rows}
+        assert all(h["caption"] in captions for h in res["results"])
+        assert call("/knn", {"text": "a red circle", "index": "default"})[0] in (400, 404)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_watch_interval_spaces_the_listings(tmp_path, monkeypatch):
+    """`pipeline --watch DIR --watch-interval S`: the folder is listed every S seconds (at least S apart;
+    well under the 2 s default for S=0.05). The fifth listing stops the run."""
+    from clipsearch.segments.watch import Watcher
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for interval in (0.05, 0.4):
+        stamps: list[float] = []
+
+        def pending(self, stamps=stamps):
+            stamps.append(time.monotonic())
+            if len(stamps) == 5:
+                raise KeyboardInterrupt  # main's own way out of a watch: exit code 130
+            return []
+
+        monkeypatch.setattr(Watcher, "pending", pending)
+        code = main(["-q", "pipeline", "--watch", str(inbox), "--output-folder", str(tmp_path / f"o{interval}"),
+                     "--watch-interval", str(interval), "--no-progress"])  # fmt: skip
+        gaps = list(np.diff(stamps))
+        assert code == 130 and len(gaps) == 4
+        assert min(gaps) >= interval * 0.95, gaps  # never sooner (a lower bound holds at any load)
+        if interval < 0.1:
+            assert max(gaps) < 1.5, gaps  # the option, not the 2 s default

@@ -71,3 +71,26 @@ def test_url_and_caption_columns(tmp_path, tiny_clip):
     assert [r["url"] for r in got] == [f"http://img.example/{i}.jpg" for i in ids]
     assert all(r["caption"].startswith(f"caption number {i} of a") for r, i in zip(got, ids, strict=True))
     assert s.count == N
+
+
+def test_modality_and_device(tmp_path, tiny_clip, capsys):
+    """autofaiss `--modality text`: the index is served as the text index; `--device` is where the model
+    checks the dimension (cuda without a GPU: a one-line error, nothing written)."""
+    import torch
+
+    from .conftest import make_autofaiss
+
+    src = make_autofaiss(tmp_path / "af", factory="IVF8,Flat", param="nprobe=3", index_name="knn.index")
+    info = imported(tmp_path, src / "knn.index", tiny_clip, "--from", "autofaiss", "--modality", "text",
+                    "--device", "cpu")  # fmt: skip
+    assert list(info["indices"]) == ["text"]
+    assert_same(IndexSearcher(str(tmp_path / "index")), "text", src / "knn.index", queries())
+    argv = ["-q", "import", "--source", str(src / "knn.index"), "--from", "autofaiss", "--index-folder",
+            str(tmp_path / "gpu"), "--clip-model", tiny_clip, "--device", "cuda", "--no-progress"]  # fmt: skip
+    code = main(argv)
+    if torch.cuda.is_available():
+        assert code == 0
+    else:
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert code == 2 and len(errors) == 1 and "cuda" in errors[0].lower(), errors
+        assert not (tmp_path / "gpu").exists() or not any((tmp_path / "gpu").iterdir())

@@ -27,6 +27,8 @@ from clipsearch.serve import create_app
 from .conftest import free_port, png_bytes
 from .helpers import FakeEncoder, build_index
 
+TORCH = ("--backend", "torch", "--precision", "fp32")  # the model as is: no runtime conversion, no probe
+
 
 def settings(argv: list[str]):
     """The settings `clipsearch serve ARGV` starts with (the command's own parser and mapping)."""
@@ -111,28 +113,56 @@ def test_host_and_workers(tmp_path):
     folder = str(tmp_path / "index")
     build_index(folder, n=200, dim=64, model="clipsearch-tiny", text_factory=None)
     port = free_port()
-    argv = ["serve", "--index", f"t={folder}", "--host", "127.0.0.2", "--port", str(port), "--workers", "2"]
+    argv = [
+        "serve",
+        "--index",
+        f"t={folder}",
+        "--host",
+        "127.0.0.2",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        *TORCH,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "CLIPSEARCH_SERVE_SETTINGS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch", *argv], stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", *argv], stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 420  # three model loads; a margin for a loaded machine
         while True:
             try:
                 if _get(f"http://127.0.0.2:{port}/healthz") == 200:
                     break
             except OSError:
                 pass
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+            if proc.poll() is not None or time.time() > deadline:
+                stop_group(proc)  # then its stderr can be read to the end
+                pytest.fail(f"serve did not come up: {proc.stderr.read()[-3000:]}")
             time.sleep(0.2)
         with pytest.raises(OSError):  # not listening on 127.0.0.1
             _get(f"http://127.0.0.1:{port}/healthz")
-        workers = [c for c in _children(proc.pid) if "spawn_main" in c or "clipsearch" in c]
+        workers = [c for c in _children(proc.pid) if "spawn_main" in c]  # not the resource tracker
         assert len(workers) == 2, _children(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (the parent and its workers), SIGKILL what is left after 60 s."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _recall(found: list[list[int]], vecs: np.ndarray, q: np.ndarray, k: int = 10) -> float:
@@ -221,3 +251,60 @@ def test_query_aesthetic_embeddings(index_dir, encoder, tmp_path):
         return sum("green" in c for c in pq.read_table(tmp_path / name).column("caption").to_pylist())
 
     assert green("nudged.parquet") > green("plain.parquet") + 3
+
+
+def test_query_batch_size_and_device(tmp_path, monkeypatch, capsys):
+    """`query --prompts F --batch-size 2 --device cpu`: five prompts reach the model as batches of 2, 2 and 1,
+    on the CPU; `--device cuda` runs there, or without a GPU is a one-line error."""
+    import torch
+
+    from clipsearch.embed import models
+
+    folder = str(tmp_path / "index")
+    build_index(folder, n=200, dim=64, model="clipsearch-tiny", text_factory=None)
+    prompts = tmp_path / "p.txt"
+    texts = ["a red circle", "a blue star", "a green tree", "a black cat", "a white house"]
+    prompts.write_text("\n".join(texts) + "\n")
+    seen: list[tuple[int, str]] = []  # the prompts' batches (a model may warm up on texts of its own)
+    text_features = models.ClipEncoder.text_features
+
+    def spy(self, batch):
+        if set(batch) <= set(texts):
+            seen.append((len(batch), str(self.device)))
+        return text_features(self, batch)
+
+    monkeypatch.setattr(models.ClipEncoder, "text_features", spy)
+    # torch fp32: no conversion to another runtime, no precision probe (what the test is not about)
+    base = ["-q", "query", "--index", folder, "--prompts", str(prompts), "-k", "3", "--backend", "torch",
+            "--precision", "fp32"]  # fmt: skip
+    assert main([*base, "-o", str(tmp_path / "cpu.parquet"), "--batch-size", "2", "--device", "cpu"]) == 0
+    assert seen == [(2, "cpu"), (2, "cpu"), (1, "cpu")]
+    assert pq.read_table(tmp_path / "cpu.parquet").num_rows == 15
+    seen.clear()
+    code = main([*base, "-o", str(tmp_path / "gpu.parquet"), "--device", "cuda"])
+    if torch.cuda.is_available():
+        assert code == 0 and seen and all(d.startswith("cuda") for _, d in seen)
+    else:
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert code == 2 and len(errors) == 1 and "cuda" in errors[0].lower() and seen == []
+        assert not (tmp_path / "gpu.parquet").exists()
+
+
+def test_serve_device(tmp_path, monkeypatch):
+    """`serve --device`: the model named by the index is loaded there (cuda without a GPU: refused at start)."""
+    import torch
+
+    from clipsearch.errors import ClipsearchError
+
+    monkeypatch.delenv("CLIPSEARCH_SERVE_SETTINGS", raising=False)
+    folder = str(tmp_path / "index")
+    build_index(folder, n=200, dim=64, model="clipsearch-tiny", text_factory=None)
+    with TestClient(create_app(settings(["--index", f"t={folder}", "--device", "cpu", *TORCH]))) as c:
+        assert c.app.state.clipsearch.encoder.device == "cpu"
+        assert c.post("/knn", json={"text": "a red circle", "k": 3}).status_code == 200
+    if torch.cuda.is_available():
+        with TestClient(create_app(settings(["--index", f"t={folder}", "--device", "cuda", *TORCH]))) as c:
+            assert str(c.app.state.clipsearch.encoder.device).startswith("cuda")
+    else:
+        with pytest.raises(ClipsearchError, match="(?i)cuda"):
+            create_app(settings(["--index", f"t={folder}", "--device", "cuda", *TORCH]))

@@ -63,23 +63,21 @@ def build(
     from clipsearch.demo.server import serve_directory
 
     sample_dir = data_dir / "sample"
-    marker = sample_dir / "sample.jsonl"
-    rows = (
-        [json.loads(line) for line in marker.read_text().splitlines() if line.strip()]
-        if marker.exists()
-        else []
-    )
-    if rows and all("quality" in r for r in rows):
-        logger.info("demo: reusing %d generated images in %s", len(rows), sample_dir)
-    else:
+    rows = _sample(sample_dir, num_images, seed, degraded)
+    if rows is None:
         logger.info(
             "demo: generating %d images in %s (%.0f%% blurred or noisy)",
             num_images,
             sample_dir,
             100 * degraded,
         )
-        rows = generate_sample(sample_dir, num_images, seed=seed, degraded=degraded)
+        if (sample_dir / "sample.jsonl").exists():  # an older sample (never a folder the demo did not make)
+            shutil.rmtree(sample_dir, ignore_errors=True)
         shutil.rmtree(data_dir / "build", ignore_errors=True)  # built from an older sample
+        rows = generate_sample(sample_dir, num_images, seed=seed, degraded=degraded)
+        _params(sample_dir).write_text(json.dumps(_wanted(num_images, seed, degraded)))
+    else:
+        logger.info("demo: reusing %d generated images in %s", len(rows), sample_dir)
     build_dir = data_dir / "build"
     index_dir = build_dir / "index"
     if (index_dir / "index.json").exists():
@@ -97,6 +95,28 @@ def build(
         pl.pipeline(cfg)
     _rate(index_dir)
     return index_dir
+
+
+def _params(sample_dir: Path) -> Path:
+    return sample_dir / "params.json"
+
+
+def _wanted(num_images: int, seed: int, degraded: float) -> dict:
+    return {"num_images": num_images, "seed": seed, "degraded": degraded}
+
+
+def _sample(sample_dir: Path, num_images: int, seed: int, degraded: float) -> list[dict] | None:
+    """The rows of a sample generated earlier with the same --num-images, --seed and --degraded, else None
+    (a sample made with other settings, or by a version that wrote no params.json, is made again)."""
+    marker = sample_dir / "sample.jsonl"
+    try:
+        made = json.loads(_params(sample_dir).read_text())
+        rows = [json.loads(line) for line in marker.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if made != _wanted(num_images, seed, degraded) or len(rows) != num_images:
+        return None
+    return rows
 
 
 def _rate(index_dir: Path) -> None:

@@ -158,6 +158,15 @@ def _filter(s: Any, filter: Any) -> Any:
     return s.filter_bitmap(filter)
 
 
+def _timed_filter(s: Any, filter: Any, timings: dict[str, float]) -> Any:
+    """The filter's allowed-id bitmap (None without a filter), its time recorded as `filter`."""
+    t = time.perf_counter()
+    bm = _filter(s, filter)
+    if bm is not None:
+        timings["filter"] = time.perf_counter() - t
+    return bm
+
+
 def _cosines(s: Any, ids: np.ndarray, vec: np.ndarray, modality: str) -> np.ndarray:
     if len(ids) == 0:
         return np.zeros(0, np.float32)
@@ -170,10 +179,7 @@ def keyword_search(
     """BM25 order; the cosine of each hit too when a query vector is given."""
     require_keywords(s)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    bm = _filter(s, filter)
-    if bm is not None:
-        timings["filter"] = time.perf_counter() - t
+    bm = _timed_filter(s, filter, timings)
     t = time.perf_counter()
     ids, bm25 = s.keyword_search(q, n, filter=bm)
     timings["keywords"] = time.perf_counter() - t
@@ -204,10 +210,7 @@ def hybrid_search(
     tokenizer, which tells the words the model knows from names."""
     require_keywords(s)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    bm = _filter(s, filter)
-    if bm is not None:
-        timings["filter"] = time.perf_counter() - t
+    bm = _timed_filter(s, filter, timings)
     depth = max(int(n), MIN_DEPTH)
     sem = s.search(vec.reshape(1, -1), depth, modality=modality, filter=bm, params=params)
     for key, v in sem.timings.items():

@@ -314,7 +314,6 @@ def test_query_and_serve_take_the_backend(
     import pyarrow.parquet as pq
 
     from clipsearch.serve import cli as serve_cli
-    from clipsearch.serve.service import ServeState
 
     folder, _ = e2e_corpus
     emb, idx = tmp_path / "emb", tmp_path / "idx"
@@ -342,10 +341,23 @@ def test_query_and_serve_take_the_backend(
         parser.parse_args(["--index", f"x={idx}", "--backend", "onnx", "--precision", "int8"])
     )
     assert (settings.backend, settings.precision) == ("onnx", "int8")
-    state = ServeState.open(settings)
-    try:
-        assert (state.encoder.backend, state.encoder.precision) == ("onnx", "int8")
-    finally:
-        import asyncio
+    # serve loads the image tower on the first image query: text queries never pay for it
+    from fastapi.testclient import TestClient
 
-        asyncio.run(state.aclose())
+    from clipsearch.serve import create_app
+
+    with TestClient(create_app(settings)) as c:
+        enc = c.app.state.clipsearch.encoder
+        assert (enc.backend, enc.precision) == ("onnx", "int8")
+        assert not enc.runners["image"].loaded
+        r = c.post("/knn", json={"text": "a red circle", "k": 5})
+        assert r.status_code == 200 and r.json()["results"]
+        assert not enc.runners["image"].loaded
+        buf = __import__("io").BytesIO()
+        _images(1)[0].save(buf, "PNG")
+        r = c.post("/knn", files={"image": ("q.png", buf.getvalue(), "image/png")}, data={"k": "5"})
+        assert r.status_code == 200 and r.json()["results"], r.text
+        assert enc.runners["image"].loaded
+        want = load_clip("clipsearch-tiny", backend="onnx", precision="int8").encode_images(_images(1))[0]
+        got = enc.encode_images(_images(1))[0]
+        assert float(np.dot(want, got)) > 0.999  # the lazily loaded tower is the same model

@@ -306,3 +306,62 @@ def test_serve_device(tmp_path, monkeypatch):
     else:
         with pytest.raises(ClipsearchError, match="(?i)cuda"):
             create_app(settings(["--index", f"t={folder}", "--device", "cuda", *TORCH]))
+
+
+def test_text_batching_options(index_dir, encoder, monkeypatch, tmp_path, capsys):
+    """--text-batch-max caps the texts of one encoder call, --text-batch-wait-ms gathers queries that arrive
+    a few ms apart into one call, --encoder-workers sets the calls in flight; every query of a batch gets the
+    results it gets alone. Bad values: one line, exit 2."""
+    import asyncio
+
+    import httpx
+
+    monkeypatch.delenv("CLIPSEARCH_SERVE_SETTINGS", raising=False)
+    base = ["--index", f"shapes={index_dir}"]
+    colours, shapes = ["red", "blue", "green"] * 4, ["circle", "star"] * 6
+    texts = [f"a {c} {s} number {i}" for i, (c, s) in enumerate(zip(colours, shapes, strict=True))]
+
+    def ids(res: dict) -> list[int]:
+        return [h["id"] for h in res["results"]]
+
+    with TestClient(create_app(settings(base), encoder=encoder)) as c:  # one query at a time
+        alone = {t: ids(c.post("/knn", json={"text": t, "k": 5}).json()) for t in texts}
+
+    async def burst(app, stagger_s: float) -> list[list[int]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            tasks = []
+            for t in texts:
+                tasks.append(asyncio.create_task(c.post("/knn", json={"text": t, "k": 5})))
+                await asyncio.sleep(stagger_s)
+            return [ids(r.json()) for r in await asyncio.gather(*tasks)]
+
+    s = settings(base + ["--text-batch-max", "4", "--encoder-workers", "1"])
+    assert (s.batch_max_size, s.batch_wait_ms, s.encoder_workers) == (4, 0.0, 1)
+    with TestClient(create_app(s, encoder=encoder)) as c:
+        before = len(encoder.calls)
+        got = asyncio.run(burst(c.app, 0.0))  # 12 at once: calls of at most 4 texts
+        calls = encoder.calls[before:]
+    assert sum(calls) == len(texts) and max(calls) == 4, calls
+    assert got == [alone[t] for t in texts]
+
+    # queries 3 ms apart (33 ms in all) share calls within a 50 ms window
+    s = settings(base + ["--text-batch-wait-ms", "50", "--encoder-workers", "1"])
+    assert s.batch_wait_ms == 50.0
+    with TestClient(create_app(s, encoder=encoder)) as c:
+        before = len(encoder.calls)
+        got = asyncio.run(burst(c.app, 0.003))
+        calls = encoder.calls[before:]
+    assert sum(calls) == len(texts) and len(calls) <= len(texts) // 2, calls
+    assert got == [alone[t] for t in texts]
+
+    folder = str(index_dir)
+    for opt, value, what in (
+        ("--text-batch-wait-ms", "500", "batch_wait_ms"),
+        ("--text-batch-wait-ms", "-1", "batch_wait_ms"),
+        ("--text-batch-max", "0", "batch_max_size"),
+        ("--encoder-workers", "0", "encoder_workers"),
+    ):
+        capsys.readouterr()
+        assert main(["serve", "--index", folder, opt, value]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and what in err[0], err

@@ -607,12 +607,15 @@ def load_clip(
     backend: str = "torch",
     threads: int = 0,
     streams: int = 1,
+    lazy_towers: tuple[str, ...] = (),
 ) -> ClipEncoder:
     """Load a CLIP-like model for inference. Raises ModelLoadError (with the reason) before any work starts.
 
     backend: torch, openvino, onnx, or auto (the fastest installed for the device: `backends.choose_backend`).
     threads, streams: for openvino/onnx, threads per call and calls that run at once (serve's encoder
     workers); torch's threads are process-wide and set by the caller.
+    lazy_towers: for openvino/onnx, towers ("image", "text") compiled on their first call instead of now
+    (serve: text queries never load the image tower).
     """
     from clipsearch.embed.backends import choose_backend
 
@@ -623,7 +626,7 @@ def load_clip(
         from clipsearch.embed.backends.loader import load_converted
 
         try:
-            enc = load_converted(src, choice, threads=threads, streams=streams)
+            enc = load_converted(src, choice, threads=threads, streams=streams, lazy_towers=lazy_towers)
         except ModelLoadError as e:
             if backend != "auto":
                 raise

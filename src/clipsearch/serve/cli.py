@@ -52,6 +52,29 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         add_backend_arguments(g, default=None)
     g.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (default 1)")
     g.add_argument(
+        "--text-batch-max",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most text queries encoded in one call of the model: concurrent queries share a call, each gets "
+        "its own row (default 64)",
+    )
+    g.add_argument(
+        "--text-batch-wait-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="how long a text query that finds the encoder idle waits for others to share its call, 0-50 "
+        "(default 0: batches form from the queries that arrive while the encoder is busy)",
+    )
+    g.add_argument(
+        "--encoder-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="text encoder calls that run at once, each on one thread (default 2)",
+    )
+    g.add_argument(
         "--allow-url-host",
         action="append",
         default=[],
@@ -88,6 +111,13 @@ def settings_from_args(args: argparse.Namespace, indices: dict[str, str] | None 
         "precision": getattr(args, "precision", None),
         "workers": args.workers,
     }
+    for opt, name in (
+        ("text_batch_max", "batch_max_size"),
+        ("text_batch_wait_ms", "batch_wait_ms"),
+        ("encoder_workers", "encoder_workers"),
+    ):
+        if getattr(args, opt, None) is not None:
+            overrides[name] = getattr(args, opt)
     if getattr(args, "multilingual_model", None):
         overrides["multilingual_models"] = tuple(args.multilingual_model)
     if getattr(args, "aesthetic_embeddings", None):

@@ -114,6 +114,7 @@ def load_encoder(settings: ServeSettings, searchers: dict[str, IndexSearcher]) -
         precision=settings.precision,
         threads=settings.encoder_threads,
         streams=settings.encoder_workers,
+        lazy_towers=("image",),  # most queries are text: the image tower loads with the first image query
     )
 
 

@@ -58,6 +58,11 @@ ENV_PREFIX = "CLIPSEARCH_SERVE_"
 ENV_SETTINGS_JSON = "CLIPSEARCH_SERVE_SETTINGS"
 
 
+#: the longest a text query may wait for others to share its encoder call: beyond it, batching costs more
+#: latency than it saves
+MAX_BATCH_WAIT_MS = 50.0
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """Everything `serve` needs. `indices` maps a name to an index folder (local or fsspec URL)."""
@@ -117,7 +122,9 @@ class ServeSettings:
     #: aesthetic embeddings table (docs/serve.md); default: each index folder's aesthetic_embeddings.npy,
     #: else the model folder's
     aesthetic_embeddings: str | None = None
-    # micro-batching of text encoding
+    # micro-batching of text encoding (batching.py): concurrent text queries are encoded in one call of at
+    # most `batch_max_size` texts; a query that finds the encoder idle waits `batch_wait_ms` for others (0:
+    # none; batches still form from the queries that arrive while the encoder is busy)
     batch_max_size: int = 64
     batch_wait_ms: float = 0.0
     text_cache_size: int = 4096
@@ -197,6 +204,11 @@ class ServeSettings:
             raise ConfigError(f"decode_slots must be >= 0 (0 = one per core), got {self.decode_slots}")
         if self.decode_memory_mb < 16:
             raise ConfigError(f"decode_memory_mb must be >= 16, got {self.decode_memory_mb}")
+        if not (0.0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS):
+            raise ConfigError(
+                f"batch_wait_ms must be between 0 and {MAX_BATCH_WAIT_MS:g}, got {self.batch_wait_ms:g}",
+                hint="--text-batch-wait-ms 0..50",
+            )
         if self.decode_queue < 0 or self.decode_wait_s <= 0:
             raise ConfigError("decode_queue must be >= 0 and decode_wait_s > 0")
         if self.filter_budget_s < 0:

@@ -79,9 +79,18 @@ def convert(src: ModelSource, choice: BackendChoice, folder: Path) -> dict[str, 
             "image": torch.from_numpy(_probe_pixels(src, 2)),
             "text": torch.from_numpy(src.tokenize(PROBE_TEXTS[1:3])),
         }
+        calibration = None
+        if precision == "int8":  # activation ranges of a fully int8 tower (the OpenVINO text tower)
+            calibration = {"text": [src.tokenize([t]) for t in runtimes.calibration_texts()]}
         with torch.no_grad():
             runtimes.CONVERTERS[backend](
-                src.name, {"image": towers.image, "text": towers.text}, examples, precision, folder, step
+                src.name,
+                {"image": towers.image, "text": towers.text},
+                examples,
+                precision,
+                folder,
+                step,
+                calibration=calibration,
             )
         step("checking against torch fp32")
         runners = runtimes.LOADERS[backend](folder, precision, 0, 1)
@@ -118,8 +127,14 @@ def convert(src: ModelSource, choice: BackendChoice, folder: Path) -> dict[str, 
 
 
 def load_converted(
-    src: ModelSource, choice: BackendChoice, *, threads: int = 0, streams: int = 1
+    src: ModelSource,
+    choice: BackendChoice,
+    *,
+    threads: int = 0,
+    streams: int = 1,
+    lazy_towers: tuple[str, ...] = (),
 ) -> ClipEncoder:
+    """The converted model, ready to run; the towers in `lazy_towers` are compiled on their first call."""
     import torch
 
     from clipsearch.embed.models import ClipEncoder
@@ -128,7 +143,9 @@ def load_converted(
     for attempt in (1, 2):
         path, built = cache.get_or_build(key, lambda folder: convert(src, choice, folder))
         try:
-            runners = runtimes.LOADERS[choice.backend](path, choice.precision, threads, streams)
+            runners = runtimes.LOADERS[choice.backend](
+                path, choice.precision, threads, streams, lazy=lazy_towers
+            )
             break
         except Exception as e:
             if attempt == 2:
@@ -159,6 +176,7 @@ def load_converted(
         backend=choice.backend,
         n_params=int(meta.get("n_params", 0)),
     )
+    enc.runners = runners  # the towers as compiled (a lazy one says whether it is loaded yet)
     enc.backend_info = {
         **choice.as_dict(),
         "versions": key["versions"],

@@ -335,12 +335,18 @@ def test_text_batching_options(index_dir, encoder, monkeypatch, tmp_path, capsys
                 await asyncio.sleep(stagger_s)
             return [ids(r.json()) for r in await asyncio.gather(*tasks)]
 
+    class SlowEncoder(FakeEncoder):  # the same vectors; queries pile up while a call runs
+        def encode_text(self, texts, batch_size=256):
+            time.sleep(0.02)
+            return super().encode_text(texts, batch_size)
+
+    slow = SlowEncoder(dim=encoder.dim)
     s = settings(base + ["--text-batch-max", "4", "--encoder-workers", "1"])
     assert (s.batch_max_size, s.batch_wait_ms, s.encoder_workers) == (4, 0.0, 1)
-    with TestClient(create_app(s, encoder=encoder)) as c:
-        before = len(encoder.calls)
+    with TestClient(create_app(s, encoder=slow)) as c:
+        before = len(slow.calls)
         got = asyncio.run(burst(c.app, 0.0))  # 12 at once: calls of at most 4 texts
-        calls = encoder.calls[before:]
+        calls = slow.calls[before:]
     assert sum(calls) == len(texts) and max(calls) == 4, calls
     assert got == [alone[t] for t in texts]
 

@@ -343,7 +343,13 @@ def test_text_batching_options(index_dir, encoder, monkeypatch, tmp_path, capsys
     slow = SlowEncoder(dim=encoder.dim)
     s = settings(base + ["--text-batch-max", "4", "--encoder-workers", "1"])
     assert (s.batch_max_size, s.batch_wait_ms, s.encoder_workers) == (4, 0.0, 1)
+    # by default the plan follows the backend: OpenVINO one 2-thread call per 2 cores, the others 2 x 1 thread
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert settings(base).encoder_plan("openvino") == (1, 2)
+    assert settings(base).encoder_plan("onnx") == settings(base).encoder_plan("torch") == (2, 1)
+    assert s.encoder_plan("openvino") == (1, 2) and s.encoder_plan("torch") == (1, 1)
     with TestClient(create_app(s, encoder=slow)) as c:
+        assert c.app.state.clipsearch.batcher.workers == 1
         before = len(slow.calls)
         got = asyncio.run(burst(c.app, 0.0))  # 12 at once: calls of at most 4 texts
         calls = slow.calls[before:]
@@ -365,7 +371,7 @@ def test_text_batching_options(index_dir, encoder, monkeypatch, tmp_path, capsys
         ("--text-batch-wait-ms", "500", "batch_wait_ms"),
         ("--text-batch-wait-ms", "-1", "batch_wait_ms"),
         ("--text-batch-max", "0", "batch_max_size"),
-        ("--encoder-workers", "0", "encoder_workers"),
+        ("--encoder-workers", "-1", "encoder_workers"),
     ):
         capsys.readouterr()
         assert main(["serve", "--index", folder, opt, value]) == 2

@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, pipeline: bool = False) ->
         type=int,
         default=None,
         metavar="N",
-        help="text encoder calls that run at once, each on one thread (default 2)",
+        help="text encoder calls that run at once (default: by backend; OpenVINO one call of 2 threads per 2 "
+        "cores, torch and ONNX Runtime 2 calls of 1 thread)",
     )
     g.add_argument(
         "--allow-url-host",

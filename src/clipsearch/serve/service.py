@@ -94,7 +94,8 @@ def _jsonable(v: Any) -> Any:
 
 
 def load_encoder(settings: ServeSettings, searchers: dict[str, IndexSearcher]) -> Any:
-    from clipsearch.embed.models import load_clip  # heavy import (torch) only when a model is needed
+    from clipsearch.embed.backends import choose_backend
+    from clipsearch.embed.models import load_clip, resolve_device  # heavy import (torch) only when needed
 
     name = settings.clip_model
     if name is None:
@@ -106,14 +107,16 @@ def load_encoder(settings: ServeSettings, searchers: dict[str, IndexSearcher]) -
             )
         name = models.pop() if models else "clipsearch-tiny"
     logger.info("loading CLIP model %s on %s", name, settings.device)
-    # each encoder worker runs its own single-threaded call at once (see batching.py)
+    # each encoder worker runs its own call at once (see batching.py), on the threads the backend does best with
+    planned = choose_backend(settings.backend, settings.precision, resolve_device(settings.device)).backend
+    workers, threads = settings.encoder_plan(planned)
     return load_clip(
         name,
         device=settings.device,
         backend=settings.backend,
         precision=settings.precision,
-        threads=settings.encoder_threads,
-        streams=settings.encoder_workers,
+        threads=threads,
+        streams=workers,
         lazy_towers=("image",),  # most queries are text: the image tower loads with the first image query
     )
 
@@ -133,6 +136,10 @@ class ServeState:
         self.searchers = searchers
         self.encoder = encoder
         self.metrics = Metrics()
+        #: text encode calls in flight and threads per call, for the backend the model runs on
+        self.encoder_workers, self.encoder_threads = settings.encoder_plan(
+            getattr(encoder, "backend", "torch")
+        )
         self.batcher = self._batcher(encoder)
         #: multilingual text encoders by alias, each with its own batcher (languages.py)
         self.multilingual = dict(multilingual or {})
@@ -181,7 +188,7 @@ class ServeState:
             max_wait_ms=self.settings.batch_wait_ms,
             cache_size=self.settings.text_cache_size,
             on_batch=self._on_batch,
-            workers=self.settings.encoder_workers,
+            workers=self.settings.encoder_plan(getattr(encoder, "backend", "torch"))[0],
         )
 
     @classmethod
@@ -220,8 +227,9 @@ class ServeState:
             for s in searchers.values():
                 s.close()
             raise
-        if settings.encoder_threads:
-            _set_torch_threads(settings.encoder_threads)
+        _set_torch_threads(
+            settings.encoder_plan("torch")[1]
+        )  # process-wide: any torch model (multilingual too)
         if settings.search_threads == 1:
             _single_threaded_blas()
         return cls(settings, searchers, encoder, languages, tables)

@@ -128,8 +128,11 @@ class ServeSettings:
     batch_max_size: int = 64
     batch_wait_ms: float = 0.0
     text_cache_size: int = 4096
-    encoder_threads: int = 1  # torch threads per encode call
-    encoder_workers: int = 2  # encode batches in flight at once
+    #: threads per encode call and encode calls in flight at once; 0 = by backend (`encoder_plan`): OpenVINO one
+    #: call of 2 threads per 2 cores (one call streams the weights once for a larger batch), torch and ONNX
+    #: Runtime 2 calls of 1 thread (their 2-thread calls spin or synchronise badly on a busy machine)
+    encoder_threads: int = 0
+    encoder_workers: int = 0
     #: OpenMP threads per search call (0 = faiss default); concurrency comes from concurrent requests
     search_threads: int = 1
     #: run small searches on the event loop (saves two thread hand-offs per request)
@@ -191,8 +194,6 @@ class ServeSettings:
             "batch_max_size",
             "filter_cache_size",
             "text_cache_size",
-            "encoder_threads",
-            "encoder_workers",
             "hygiene_max_candidates",
         )
         for name in positive:
@@ -204,6 +205,9 @@ class ServeSettings:
             raise ConfigError(f"decode_slots must be >= 0 (0 = one per core), got {self.decode_slots}")
         if self.decode_memory_mb < 16:
             raise ConfigError(f"decode_memory_mb must be >= 16, got {self.decode_memory_mb}")
+        for name in ("encoder_threads", "encoder_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = by backend), got {getattr(self, name)}")
         if not (0.0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS):
             raise ConfigError(
                 f"batch_wait_ms must be between 0 and {MAX_BATCH_WAIT_MS:g}, got {self.batch_wait_ms:g}",
@@ -248,6 +252,15 @@ class ServeSettings:
                 )
             out[alias] = path
         return out
+
+    def encoder_plan(self, backend: str) -> tuple[int, int]:
+        """(calls in flight, threads per call) of the text encoder on `backend` (the resolved one)."""
+        if backend == "openvino":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+            workers, threads = max(1, cores // 2), 2
+        else:
+            workers, threads = 2, 1
+        return self.encoder_workers or workers, self.encoder_threads or threads
 
     @property
     def metrics_listener(self) -> bool:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gc
+import io
 import json
 import os
 import random
@@ -31,6 +33,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -600,6 +604,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def image_query(port: int) -> int:
+    """One /knn image query (a 320 px PNG of noise); its HTTP status."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(buf, "PNG")
+    body = json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "k": 10}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/knn", data=body, headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def encode_batches(port: int) -> tuple[float, float]:
+    """(encoder calls, texts encoded) so far, from the server's /metrics."""
+    calls = texts = 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("clipsearch_encode_batch_size_count"):
+                calls = float(line.split()[-1])
+            elif line.startswith("clipsearch_encode_batch_size_sum"):
+                texts = float(line.split()[-1])
+    return calls, texts
+
+
 def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespace) -> dict:
     """clipsearch's own backends (issue 19): one server per backend on the same ViT-B/32 index, up at once,
     load runs alternating between them. The converted model is cached before the timed starts (a first start
@@ -610,7 +643,7 @@ def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespa
     procs = {}
     try:
         for b in backends:
-            if b != "torch":  # cold start: converts the model into the (fresh) cache
+            if b != "torch" and not a.skip_cold_start:  # cold start: converts the model into a fresh cache
                 shutil.rmtree(work / "model-cache", ignore_errors=True)
                 proc, _, t = start_clipsearch(folder, model_dir, work, f"cold-{b}", b, cache)
                 stop(proc)
@@ -618,14 +651,20 @@ def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespa
             proc, port, t = start_clipsearch(folder, model_dir, work, f"vitb32-{b}", b, cache)
             procs[b] = (proc, port)
             out[b]["startup_s"] = round(t, 1)
+            out[b]["rss_started_mb"] = rss(proc.pid)
         for _, port in procs.values():
             load(port, "/knn", [{"text": p, "k": 10} for p in prompts(60, 99)], a.concurrency, 5)  # warm-up
         for r in range(a.rounds):
             for b in backends if r % 2 == 0 else backends[::-1]:
                 proc, port = procs[b]
                 bodies = [{"text": p, "k": 10} for p in prompts(50_000, 20 + r)]
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0, batches0 = cpu_seconds(proc.pid), encode_batches(port)
                 run = load(port, "/knn", bodies, a.concurrency, a.duration)
+                batches1 = encode_batches(port)
+                if batches1[0] > batches0[0]:  # texts per encoder call in this run
+                    run["mean_encode_batch"] = round(
+                        (batches1[1] - batches0[1]) / (batches1[0] - batches0[0]), 1
+                    )
                 # the server's CPU per request does not depend on how busy the machine is: 2 free cores
                 # serve at most 2 / cpu_ms_per_request (the client, on the same cores, not counted)
                 cpu_ms = 1000 * (cpu_seconds(proc.pid) - cpu0) / max(1, run["requests"])
@@ -635,7 +674,12 @@ def bench_backends(folder: Path, model_dir: str, work: Path, a: argparse.Namespa
                 bodies = [{"text": p, "k": 10} for p in prompts(50_000, 40 + r)]
                 out[b]["runs_c1"].append(load(port, "/knn", bodies, 1, a.duration / 2))
                 print(b, json.dumps(out[b]["runs"][-1]), flush=True)
-        for b, (proc, _) in procs.items():
+        for b, (proc, port) in procs.items():
+            out[b]["rss_text_only_mb"] = rss(proc.pid)  # after the text load: the image tower not loaded yet
+            t = time.perf_counter()
+            out[b]["first_image_query_status"] = image_query(port)  # loads the image tower (converted models)
+            out[b]["first_image_query_s"] = round(time.perf_counter() - t, 2)
+            out[b]["rss_after_image_query_mb"] = rss(proc.pid)
             cpu = sorted(r["server_cpu_ms_per_request"] for r in out[b]["runs"])
             out[b]["server_cpu_ms_per_request"] = cpu[len(cpu) // 2]
             out[b]["qps_cap_2_free_cores"] = round(2000 / cpu[len(cpu) // 2], 1)
@@ -679,6 +723,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--backends", default="torch,openvino", help="with --only backends: the backends compared"
+    )
+    ap.add_argument(
+        "--skip-cold-start",
+        action="store_true",
+        help="with --only backends: keep the work folder's converted models (no cold start measured)",
     )
     ap.add_argument("--n-ref", type=int, default=None, help="rows of the ViT-B/32 index (default --n)")
     ap.add_argument("--n-mem", type=int, default=10_000_000, help="rows of the index for the memory run")

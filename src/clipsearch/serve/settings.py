@@ -257,7 +257,7 @@ class ServeSettings:
         """(calls in flight, threads per call) of the text encoder on `backend` (the resolved one)."""
         if backend == "openvino":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-            workers, threads = max(1, cores // 2), 2
+            workers, threads = max(1, cores // 2), min(2, cores)
         else:
             workers, threads = 2, 1
         return self.encoder_workers or workers, self.encoder_threads or threads

@@ -176,7 +176,10 @@ def convert_openvino(
                     m = _quantize_text_int8(m, calibration["text"])
             else:
                 step(f"{tower} tower: int8 weights")
-                m = nncf.compress_weights(m)  # int8 weights, asymmetric per output channel, no data needed
+                with contextlib.redirect_stdout(sys.stderr):
+                    m = nncf.compress_weights(
+                        m
+                    )  # int8 weights, asymmetric per output channel, no data needed
         step(f"{tower} tower: saving")
         ov.save_model(m, str(folder / f"{tower}.xml"), compress_to_fp16=precision == "bf16")
     return {}
@@ -198,9 +201,12 @@ def load_openvino(
     }
     if threads > 0:
         config["INFERENCE_NUM_THREADS"] = threads * max(1, streams)
+    # a lazy tower is read now (its weights memory-mapped: ~10 MB) and compiled on its first call, so the
+    # cache entry may change or go meanwhile
+    models = {t: core.read_model(str(folder / f"{t}.xml")) for t in TOWERS}
 
     def compile_tower(tower: str) -> Runner:
-        return _OVRunner(core.compile_model(str(folder / f"{tower}.xml"), "CPU", config))
+        return _OVRunner(core.compile_model(models.pop(tower), "CPU", config))
 
     return {t: _LazyRunner(compile_tower, t) if t in lazy else compile_tower(t) for t in TOWERS}
 
@@ -303,12 +309,17 @@ def load_onnx(
 ) -> dict[str, Runner]:
     import onnxruntime as ort
 
+    # a lazy tower's file is opened now and read on its first call, so the cache entry may change or go meanwhile
+    files = {t: open(folder / f"{t}.onnx", "rb") for t in TOWERS}  # noqa: SIM115 (closed once read)
+
     def session(tower: str) -> Runner:
         so = ort.SessionOptions()
         so.intra_op_num_threads = max(0, threads)  # 0: ONNX Runtime's default (every core)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        sess = ort.InferenceSession(str(folder / f"{tower}.onnx"), so, providers=["CPUExecutionProvider"])
+        with files.pop(tower) as f:
+            data = f.read()
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         return _ORTRunner(sess, INPUTS[tower])
 
     return {t: _LazyRunner(session, t) if t in lazy else session(t) for t in TOWERS}

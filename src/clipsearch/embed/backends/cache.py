@@ -29,8 +29,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 META = "meta.json"
-FORMAT = 3  # bump when what the converters write changes (2: ONNX int8 keeps layer 0 and the projection fp32;
-#            3: the OpenVINO int8 text tower quantises activations too)
+FORMAT = 4  # bump when what the converters write changes (2: ONNX int8 keeps layer 0 and the projection fp32;
+#            3: the OpenVINO int8 text tower quantises activations too; 4: its first layer as well)
 
 
 def cache_root() -> Path:

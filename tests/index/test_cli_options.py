@@ -88,6 +88,24 @@ def test_should_be_memory_mappable(emb, tmp_path):
     assert text_recall(str(tmp_path / "mm"), arrays) >= 0.5
 
 
+def test_should_be_memory_mappable_flat(emb, tmp_path):
+    """When exact search fits, the option keeps Flat, recorded as memory-mapped and served from a mapping of
+    the file (faiss IO_FLAG_MMAP_IFC), with exact results."""
+    root, arrays = emb
+    plain = build(root, str(tmp_path / "plain"), "--max-index-memory-usage", "10M")
+    assert plain["indices"]["image"]["factory"] == "Flat" and plain["indices"]["image"]["mmap"] is False
+    info = build(
+        root, str(tmp_path / "flat"), "--max-index-memory-usage", "10M", "--should-be-memory-mappable"
+    )
+    entry = info["indices"]["image"]
+    assert entry["factory"] == "Flat" and entry["mmap"] is True and "memory-mapped" in entry["reason"]
+    searcher = IndexSearcher(str(tmp_path / "flat"))
+    assert searcher.indices["image"].mmap is True
+    assert IndexSearcher(str(tmp_path / "plain")).indices["image"].mmap is False
+    mapped = text_recall(str(tmp_path / "flat"), arrays)  # exact up to ties of the normalised fp16 rows
+    assert mapped >= 0.99 and mapped == text_recall(str(tmp_path / "plain"), arrays)
+
+
 def test_max_index_query_time_ms(emb, tmp_path):
     """The latency budget bounds the tuning: within 1000 ms the best recall is kept; at 1 ns no point fits,
     the sweep stops at its first (fastest) point and recall drops."""

@@ -12,8 +12,9 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
   4-bit PQ ranker that scans many candidates cheaply: a full scan
   `PQ{M}x4fs,Refine(...)` (no 8-byte IVF ids, so a finer ranker fits) when it meets the query
   budget, else `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine(...)`, else `IVF{nlist},SQ4`;
-- with `--should-be-memory-mappable`: `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk
-  inverted lists (fast-scan lists cannot live on disk in faiss).
+- with `--should-be-memory-mappable`: `Flat` as above (its vectors are mapped from the file when served),
+  else `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk inverted lists (fast-scan lists cannot
+  live on disk in faiss).
 
 Memory figures are estimates of the index size (RAM when loaded, disk when memory-mapped).
 """
@@ -167,12 +168,14 @@ def plan_index(
     flat_mem = n * d * 4
     flat_ms = flat_mem / FLAT_SCAN_BYTES_PER_S * 1000
     if flat_mem <= budget and (flat_ms <= max_query_ms or n <= 10_000):
+        # a Flat index's vectors are one array in the file: served memory-mapped (faiss IO_FLAG_MMAP_IFC)
         return Plan(
             "Flat",
             "flat",
             f"{n} vectors: exact search fits the budget ({format_memory(flat_mem)}) and scans in about "
-            f"{flat_ms:.1f} ms",
+            f"{flat_ms:.1f} ms" + ("; its vectors are memory-mapped when served" if mmap else ""),
             flat_mem,
+            mmap,
         )
     if not mmap and n <= HNSW_MAX_VECTORS:
         for key, per in (("HNSW32", 4 * d), ("HNSW32_SQ8", d)):

@@ -198,7 +198,8 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
             "reason": plans[m].reason,
             "rotation": rotations[m],
             "search_params": tuned.search_params,
-            "mmap": bool(mmap),
+            # a Flat index asked to be memory-mappable is mapped by the searcher (IO_FLAG_MMAP_IFC)
+            "mmap": bool(mmap) or (plans[m].mmap and plans[m].kind == "flat"),
             "memory_bytes": int(size),
             "count": int(index.ntotal),
             "trained_file": f"{m}.trained.index",

@@ -32,10 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     data = tmp_path_factory.mktemp("demo")
-    assert main([*ARGV, "--data-dir", str(data), "--port", str(_free_port())]) == 0
+    assert main([*ARGV, "--data-dir", str(data), "--port", str(PORT)]) == 0
     index = data / "build" / "index"
     with TestClient(demo_app(index, data)) as client:
         yield data, index, client
@@ -119,9 +122,22 @@ def test_serve_with_an_unknown_multilingual_model_is_one_line(built, capsys):
 def test_a_second_run_reuses_only_a_sample_of_the_same_settings(built):
     data, index, _ = built
     stamp = (index / "index.json").stat().st_mtime_ns
-    assert main([*ARGV, "--data-dir", str(data), "--port", str(_free_port())]) == 0
+    assert main([*ARGV, "--data-dir", str(data), "--port", str(PORT)]) == 0
     assert (index / "index.json").stat().st_mtime_ns == stamp  # same settings: nothing rebuilt
     assert len(_sample(data / "sample", N, 5, DEGRADED)) == N
     # other settings make the sample (and so the index) again
     for other in ((N + 1, 5, DEGRADED), (N, 6, DEGRADED), (N, 5, 0.2)):
         assert _sample(data / "sample", *other) is None, other
+
+
+def test_another_port_builds_the_index_again_with_its_urls(tmp_path):
+    """The image URLs name the port the page is served on: an index built for another port is built again
+    (the sample is reused), so the result grid's images load from the new address."""
+    argv = ["-q", "demo", "--no-serve", "--num-images", "48", "--seed", "3", "--data-dir", str(tmp_path)]
+    first, second = _free_port(), _free_port()
+    assert main([*argv, "--port", str(first)]) == 0
+    sample_stamp = (tmp_path / "sample" / "sample.jsonl").stat().st_mtime_ns
+    assert main([*argv, "--port", str(second)]) == 0
+    urls = feather.read_table(tmp_path / "build" / "index" / "metadata.arrow").column("url").to_pylist()
+    assert len(urls) == 48 and all(u.startswith(f"http://127.0.0.1:{second}/") for u in urls)
+    assert (tmp_path / "sample" / "sample.jsonl").stat().st_mtime_ns == sample_stamp

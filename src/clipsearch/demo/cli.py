@@ -80,13 +80,20 @@ def build(
         logger.info("demo: reusing %d generated images in %s", len(rows), sample_dir)
     build_dir = data_dir / "build"
     index_dir = build_dir / "index"
+    # The URLs name the address the web page will be served on, so the result grid can show the images:
+    # an index built for another address would show broken images, so it is built again.
+    origin = f"http://{host}:{port}"
     if (index_dir / "index.json").exists():
-        logger.info("demo: reusing the index in %s", index_dir)
-        _rate(index_dir)
-        return index_dir
-    # The URLs name the port the web page will be served on, so the result grid can show the images.
+        built_for = _origin(build_dir)
+        if built_for == origin:
+            logger.info("demo: reusing the index in %s", index_dir)
+            _rate(index_dir)
+            return index_dir
+        logger.info("demo: the index in %s names images at %s; building it again for %s", index_dir,
+                    built_for or "another address", origin)  # fmt: skip
+        shutil.rmtree(build_dir, ignore_errors=True)
     url_list = data_dir / "urls.parquet"
-    _write_url_list(rows, f"http://{host}:{port}", url_list)
+    _write_url_list(rows, origin, url_list)
     cfg = pl.config_from_argv(
         ["--url-list", str(url_list), "--output-folder", str(build_dir), "--caption-col", "caption", "--save-additional-columns",
          "color", "shape", "background", "quality"]
@@ -94,7 +101,18 @@ def build(
     with serve_directory(data_dir, host=host, port=port):
         pl.pipeline(cfg)
     _rate(index_dir)
+    (build_dir / ORIGIN_FILE).write_text(origin)
     return index_dir
+
+
+ORIGIN_FILE = "origin.txt"  # the address the index's image URLs name
+
+
+def _origin(build_dir: Path) -> str | None:
+    try:
+        return (build_dir / ORIGIN_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 def _params(sample_dir: Path) -> Path:

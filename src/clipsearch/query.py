@@ -216,6 +216,7 @@ def query(cfg: QueryConfig, encoder: Any = None) -> dict[str, Any]:
                     device=cfg.device,
                     backend=cfg.backend,
                     precision=cfg.precision,
+                    lazy_towers=("image",),  # prompts need the text tower only
                 )
             if encoder is not None and int(encoder.dim) != searcher.dim:
                 raise ConfigError(

@@ -69,3 +69,34 @@ def test_precision_tuner_keeps_bf16_only_when_faster(monkeypatch) -> None:
         assert (
             enc.precision == want and not enc.tune_precision and set(enc.precision_probe) == {"fp32", "bf16"}
         )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose
+        return open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_close_decode_pool_stops_the_kept_workers() -> None:
+    """The demo builds, then serves from the same process: the decode workers kept for a next embed run
+    are stopped, and the next run gets a fresh pool."""
+    from clipsearch.embed import runner
+
+    pool = runner._decode_pool(1)
+    assert runner._decode_pool(1) is pool  # kept between runs of one process
+    pp = ImagePreprocessor(size=(32, 32), crop=(32, 32))
+    pool.decode(pp, [image_bytes(1)], pool.submit(pp, [image_bytes(1)]))
+    pids = pool.worker_pids()
+    assert pids and all(_alive(p) for p in pids)
+    runner.close_decode_pool()
+    assert not any(_alive(p) for p in pids)  # shutdown waited for them
+    fresh = runner._decode_pool(1)
+    try:
+        assert fresh is not pool
+    finally:
+        runner.close_decode_pool()

@@ -100,6 +100,9 @@ def build(
     )  # fmt: skip
     with serve_directory(data_dir, host=host, port=port):
         pl.pipeline(cfg)
+    from clipsearch.embed.runner import close_decode_pool
+
+    close_decode_pool()  # the server that follows decodes no shards
     _rate(index_dir)
     (build_dir / ORIGIN_FILE).write_text(origin)
     return index_dir

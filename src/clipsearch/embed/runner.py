@@ -271,12 +271,35 @@ class DecodePool:
             return np.zeros((0, h, w, 3), np.uint8), [], [(i, "decoder crashed") for i in range(len(images))]
 
     def shutdown(self) -> None:
-        self._ex.shutdown(wait=False, cancel_futures=True)
+        # wait for the (idle) workers to take their sentinel and exit: without waiting, a process that
+        # ends right after (the demo's server on SIGTERM, at exit) leaves them orphaned
+        self._ex.shutdown(wait=True, cancel_futures=True)
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in (getattr(self._ex, "_processes", None) or {}).values()]
 
 
-@functools.lru_cache(maxsize=1)
+_POOL: DecodePool | None = None  # kept for the next embed run of this process (pipeline --watch)
+_POOL_LOCK = threading.Lock()
+
+
 def _decode_pool(n: int) -> DecodePool:
-    return DecodePool(n)
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.n != n:
+            if _POOL is not None:
+                _POOL.shutdown()
+            _POOL = DecodePool(n)
+        return _POOL
+
+
+def close_decode_pool() -> None:
+    """Stop the kept decode workers (a process that goes on to serve, like the demo, has no use for them)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.shutdown()
+            _POOL = None
 
 
 def _unit_device(cfg: EmbedConfig, part: int = 0) -> str:

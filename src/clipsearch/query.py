@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -136,7 +137,11 @@ def read_bytes(path: str, what: str, hint: str) -> bytes:
 def read_prompts(path: str) -> list[str]:
     """Prompts from a text file (one per line), or parquet/csv/jsonl with a prompt/text/caption/query column;
     `-` reads text lines from standard input."""
-    data = read_bytes(path, "prompts file", "--prompts FILE, or - for standard input")
+    hint = "--prompts FILE, or - for standard input"
+    if path != "-" and "://" not in path and not os.path.exists(path) and " " in path and os.sep not in path:
+        # `--prompts "a red circle"`: a prompt given where a file is expected
+        hint = f"to search for this text: echo {shlex.quote(path)} | clipsearch query --prompts - ..."
+    data = read_bytes(path, "prompts file", hint)
     if path.endswith((".parquet", ".csv", ".jsonl", ".json")):
         import pyarrow.csv as pacsv
         import pyarrow.json as pajson

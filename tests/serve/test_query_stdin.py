@@ -87,6 +87,19 @@ def test_prompts_from_stdin_and_pipes(tiny_index, tmp_path, run):
     assert pq.read_table(tmp_path / "c.parquet").to_pylist() == rows
 
 
+def test_a_prompt_given_as_the_prompts_file_is_one_line_with_the_pipe_to_use(tiny_index, tmp_path, run):
+    out = tmp_path / "t.parquet"
+    p = run(["--index", tiny_index, "--prompts", "a red circle", "-o", str(out), "--backend", "torch"])
+    err = p.stderr.decode().strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and not out.exists()
+    assert (
+        "prompts file a red circle does not exist" in err
+        and "echo 'a red circle' | clipsearch query --prompts -" in err
+    )
+    p = run(["--index", tiny_index, "--prompts", str(tmp_path / "missing.txt"), "-o", str(out)])
+    assert p.returncode == 2 and "echo" not in p.stderr.decode()  # a path: no such hint
+
+
 def test_embeddings_from_stdin_and_errors(tiny_index, tmp_path, run):
     enc = load_clip("clipsearch-tiny", backend="torch")
     buf = io.BytesIO()

@@ -597,8 +597,11 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         backend_info.get("reason"),
     )
 
+    skip = {"img_emb"} if not cfg.enable_image else set()
+    skip |= {"text_emb"} if not cfg.enable_text else set()
     for sub in writer.SUBFOLDERS:
-        storage.makedirs(storage.join(cfg.output_folder, sub))
+        if sub not in skip:
+            storage.makedirs(storage.join(cfg.output_folder, sub))
     done = {s["part"] for s in writer.read_part_stats(cfg.output_folder)} if resuming else set()
     todo = [u for u in units if u.name not in done]
     if done:

@@ -97,8 +97,11 @@ def write_part(
         if arr is not None and arr.shape[0] != n:  # pragma: no cover - a bug, never bad input
             raise RuntimeError(f"part {name}: {arr.shape[0]} embeddings for {n} metadata rows")
     paths = part_paths(output_folder, name)
+    skip = {"img_emb"} if img is None else set()
+    skip |= {"text_emb"} if text is None else set()
     for sub in SUBFOLDERS:  # a unit may run where embed() never ran (a Spark executor's local disk)
-        storage.makedirs(storage.join(output_folder, sub))
+        if sub not in skip:  # a disabled modality leaves no empty folder (readers take it for a modality)
+            storage.makedirs(storage.join(output_folder, sub))
     if img is not None:
         storage.write_bytes_atomic(paths["img_emb"], _npy_bytes(img.astype(np.float16)))
     if text is not None:

@@ -76,7 +76,7 @@ def test_app_options(index_dir, encoder, tmp_path, monkeypatch):
         assert c.post("/knn", json={"image": small, "k": 3}).status_code == 200
         big = base64.b64encode(noise_png(160)).decode()  # ~77 KB > 0.05 MB, the body itself < 0.25 MB
         r = c.post("/knn", json={"image": big, "k": 3})
-        assert r.status_code == 400 and "52428 bytes limit" in r.text, r.text  # 0.05 MB
+        assert r.status_code == 413 and "52428 bytes limit" in r.text, r.text  # 0.05 MB, as an image_url body
         r = c.post(
             "/knn", json={"text": "a red circle", "k": 20, "aesthetic_score": 9, "aesthetic_weight": 2}
         )

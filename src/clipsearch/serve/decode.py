@@ -223,6 +223,12 @@ class DecodeBusy(InputError):
         self.retry_after_s = retry_after_s
 
 
+class ImageTooLarge(InputError):
+    """An inline or uploaded image over --max-image-mb (HTTP 413, as an image_url body over it)."""
+
+    status = 413
+
+
 class DecodeTooCostly(InputError):
     """An image over the pixel limit, or whose decode alone needs more memory than the whole decode budget
     (HTTP 413)."""

@@ -28,7 +28,15 @@ from clipsearch.search.hybrid import RankedResult
 from clipsearch.search.live import LiveIndex
 from clipsearch.search.searcher import IndexSearcher, SearchParams, require_keywords
 from clipsearch.serve.batching import TextBatcher
-from clipsearch.serve.decode import MB, DecodeGate, decode, default_slots, plan_decode, preprocessor_of
+from clipsearch.serve.decode import (
+    MB,
+    DecodeGate,
+    ImageTooLarge,
+    decode,
+    default_slots,
+    plan_decode,
+    preprocessor_of,
+)
 from clipsearch.serve.dedup import near_duplicates
 from clipsearch.serve.fetch_image import fetch_image_bytes
 from clipsearch.serve.languages import load_multilingual, pick
@@ -274,7 +282,7 @@ class ServeState:
 
     async def _encode_image(self, data: bytes, timings: dict[str, float]) -> np.ndarray:
         if len(data) > self.settings.max_image_bytes:
-            raise InputError(
+            raise ImageTooLarge(
                 f"the image is {len(data)} bytes, over the {self.settings.max_image_bytes} limit"
             )
         plan = plan_decode(data, self._preprocessor, self.settings.max_image_pixels)  # the header only
@@ -325,7 +333,7 @@ class ServeState:
             if raw.startswith("data:"):
                 raw = raw.partition(",")[2]
             if len(raw) > (self.settings.max_image_bytes * 4) // 3 + 8:
-                raise InputError(f"the image is over the {self.settings.max_image_bytes} bytes limit")
+                raise ImageTooLarge(f"the image is over the {self.settings.max_image_bytes} bytes limit")
             try:
                 data = base64.b64decode(raw, validate=True)
             except (binascii.Error, ValueError):

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from clipsearch.errors import InputError
+from clipsearch.serve.decode import ImageTooLarge
 from clipsearch.serve.deps import State
 from clipsearch.serve.schemas import MAX_EMBEDDING_DIM, KnnRequest, KnnResponse, multipart_schema
 from clipsearch.serve.service import Query
@@ -123,7 +124,7 @@ async def _parse_form(request: Request, max_image_bytes: int) -> Query:
                     raise InputError(f"unexpected file field {key!r}: the image file goes in 'image'")
                 image = await value.read(max_image_bytes + 1)
                 if len(image) > max_image_bytes:
-                    raise InputError(f"the image is over the {max_image_bytes} bytes limit")
+                    raise ImageTooLarge(f"the image is over the {max_image_bytes} bytes limit")
                 continue
             if value == "":
                 continue

@@ -91,7 +91,7 @@ def test_close_decode_pool_stops_the_kept_workers() -> None:
     assert runner._decode_pool(1) is pool  # kept between runs of one process
     pp = ImagePreprocessor(size=(32, 32), crop=(32, 32))
     pool.decode(pp, [image_bytes(1)], pool.submit(pp, [image_bytes(1)]))
-    pids = pool.worker_pids()
+    pids = [p.pid for p in pool._ex._processes.values()]  # the executor's worker processes
     assert pids and all(_alive(p) for p in pids)
     runner.close_decode_pool()
     assert not any(_alive(p) for p in pids)  # shutdown waited for them

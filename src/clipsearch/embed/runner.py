@@ -275,9 +275,6 @@ class DecodePool:
         # ends right after (the demo's server on SIGTERM, at exit) leaves them orphaned
         self._ex.shutdown(wait=True, cancel_futures=True)
 
-    def worker_pids(self) -> list[int]:
-        return [p.pid for p in (getattr(self._ex, "_processes", None) or {}).values()]
-
 
 _POOL: DecodePool | None = None  # kept for the next embed run of this process (pipeline --watch)
 _POOL_LOCK = threading.Lock()
@@ -597,11 +594,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         backend_info.get("reason"),
     )
 
-    skip = {"img_emb"} if not cfg.enable_image else set()
-    skip |= {"text_emb"} if not cfg.enable_text else set()
-    for sub in writer.SUBFOLDERS:
-        if sub not in skip:
-            storage.makedirs(storage.join(cfg.output_folder, sub))
+    writer.make_folders(cfg.output_folder, image=cfg.enable_image, text=cfg.enable_text)
     done = {s["part"] for s in writer.read_part_stats(cfg.output_folder)} if resuming else set()
     todo = [u for u in units if u.name not in done]
     if done:

@@ -83,6 +83,14 @@ def metadata_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def make_folders(output_folder: str, *, image: bool, text: bool) -> None:
+    """The output's subfolders; a disabled modality gets none (readers take an empty folder for a modality)."""
+    skip = ({"img_emb"} if not image else set()) | ({"text_emb"} if not text else set())
+    for sub in SUBFOLDERS:
+        if sub not in skip:
+            storage.makedirs(storage.join(output_folder, sub))
+
+
 def write_part(
     output_folder: str,
     name: str,
@@ -97,11 +105,8 @@ def write_part(
         if arr is not None and arr.shape[0] != n:  # pragma: no cover - a bug, never bad input
             raise RuntimeError(f"part {name}: {arr.shape[0]} embeddings for {n} metadata rows")
     paths = part_paths(output_folder, name)
-    skip = {"img_emb"} if img is None else set()
-    skip |= {"text_emb"} if text is None else set()
-    for sub in SUBFOLDERS:  # a unit may run where embed() never ran (a Spark executor's local disk)
-        if sub not in skip:  # a disabled modality leaves no empty folder (readers take it for a modality)
-            storage.makedirs(storage.join(output_folder, sub))
+    # a unit may run where embed() never ran (a Spark executor's local disk)
+    make_folders(output_folder, image=img is not None, text=text is not None)
     if img is not None:
         storage.write_bytes_atomic(paths["img_emb"], _npy_bytes(img.astype(np.float16)))
     if text is not None:

@@ -144,10 +144,6 @@ class ServeState:
         self.searchers = searchers
         self.encoder = encoder
         self.metrics = Metrics()
-        #: text encode calls in flight and threads per call, for the backend the model runs on
-        self.encoder_workers, self.encoder_threads = settings.encoder_plan(
-            getattr(encoder, "backend", "torch")
-        )
         self.batcher = self._batcher(encoder)
         #: multilingual text encoders by alias, each with its own batcher (languages.py)
         self.multilingual = dict(multilingual or {})

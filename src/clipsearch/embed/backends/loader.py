@@ -80,7 +80,7 @@ def convert(src: ModelSource, choice: BackendChoice, folder: Path) -> dict[str, 
             "text": torch.from_numpy(src.tokenize(PROBE_TEXTS[1:3])),
         }
         calibration = None
-        if precision == "int8":  # activation ranges of a fully int8 tower (the OpenVINO text tower)
+        if precision == "int8" and backend == "openvino":  # activation ranges of its fully int8 text tower
             calibration = {"text": [src.tokenize([t]) for t in runtimes.calibration_texts()]}
         with torch.no_grad():
             runtimes.CONVERTERS[backend](

@@ -177,10 +177,10 @@ def convert_openvino(
                     m = _quantize_text_int8(m, calibration["text"])
             else:
                 step(f"{tower} tower: int8 weights")
-                with contextlib.redirect_stdout(sys.stderr):
-                    m = nncf.compress_weights(
-                        m
-                    )  # int8 weights, asymmetric per output channel, no data needed
+                with contextlib.redirect_stdout(
+                    sys.stderr
+                ):  # int8 weights per output channel, no data needed
+                    m = nncf.compress_weights(m)
         step(f"{tower} tower: saving")
         ov.save_model(m, str(folder / f"{tower}.xml"), compress_to_fp16=precision == "bf16")
     return {}

@@ -69,12 +69,13 @@ def main() -> None:
             for rot in (True, False):
                 trial(emb, q, gt, f"{'rot' if rot else 'raw'} IVF{NLIST},PQ512x4fsr", f"IVF{NLIST},PQ512x4fsr", (1,),
                       [f"nprobe={p}" for p in (16, 32, 64, 128)], rotate=rot)  # fmt: skip
-        elif f == "ivfpqr":
-            trial(emb, q, gt, f"rot IVF{NLIST},PQ32+256 (L2)", f"IVF{NLIST},PQ32+256", (16, 2),
-                  [f"nprobe={p},k_factor={k}" for p in (16, 32, 64) for k in (16, 64)],
-                  metric=faiss.METRIC_L2)  # fmt: skip
+        elif f in ("ivfpqr", "ivfpqr-raw"):
+            rot = f == "ivfpqr"
+            trial(emb, q, gt, f"{'rot' if rot else 'raw'} IVF{NLIST},PQ32+256 (L2)", f"IVF{NLIST},PQ32+256", (16, 2),
+                  [f"nprobe={p},k_factor={k}" for p in (16, 32, 64, 128) for k in (16, 64, 256)],
+                  rotate=rot, metric=faiss.METRIC_L2)  # fmt: skip
         else:
-            sys.exit(f"unknown family {f!r}: flat, ivfpq, ivffs1, ivfpqr")
+            sys.exit(f"unknown family {f!r}: flat, ivfpq, ivffs1, ivfpqr, ivfpqr-raw")
 
 
 if __name__ == "__main__":

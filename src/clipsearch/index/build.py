@@ -146,9 +146,10 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: s
     (rotation.NAME), the balanced PCA rotation is fitted on the sample and put in front of the index
     (an IndexPreTransform), and the index trains on rotated vectors."""
     from clipsearch.index import rotation as rot
+    from clipsearch.index.plan import faiss_metric
 
     faiss = faiss_mod()
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(d, factory, faiss_metric(factory))
     configure_training(index)
     if len(sample) < 1 and (rotation or not index.is_trained):
         raise IndexBuildError("no valid vector to train on")
@@ -220,11 +221,12 @@ def configure_training(index) -> None:
             # annealing over code orders that only Hamming-filtered search uses, and that takes hours on
             # wide codes
             idx.do_polysemous_training = False
-        pq = getattr(idx, "pq", None)
-        if isinstance(pq, faiss.ProductQuantizer) and (pq.nbits > 8 or (pq.dsub <= 2 and pq.nbits == 8)):
-            pq.cp.max_points_per_centroid = max(WIDE_PQ_POINTS_PER_CENTROID, WIDE_PQ_SAMPLE // pq.ksub)
-            pq.cp.min_points_per_centroid = min(pq.cp.min_points_per_centroid, 8)
-            pq.cp.niter = WIDE_PQ_ITERATIONS
+        for attr in ("pq", "refine_pq"):  # refine_pq: the second residual level of IndexIVFPQR
+            pq = getattr(idx, attr, None)
+            if isinstance(pq, faiss.ProductQuantizer) and (pq.nbits > 8 or (pq.dsub <= 2 and pq.nbits == 8)):
+                pq.cp.max_points_per_centroid = max(WIDE_PQ_POINTS_PER_CENTROID, WIDE_PQ_SAMPLE // pq.ksub)
+                pq.cp.min_points_per_centroid = min(pq.cp.min_points_per_centroid, 8)
+                pq.cp.niter = WIDE_PQ_ITERATIONS
 
 
 def write_index_atomic(index, path: str) -> None:
@@ -518,6 +520,8 @@ def apply_search_params(index, params: dict) -> None:
     if isinstance(idx, faiss.IndexPreTransform | faiss.IndexIDMap):
         apply_search_params(idx.index, params)
         return
+    if isinstance(idx, faiss.IndexIVFPQR) and params.get("k_factor") is not None:
+        idx.k_factor = float(params["k_factor"])  # its re-rank depth is an attribute, not a search parameter
     if isinstance(idx, faiss.IndexIVF):
         if params.get("nprobe") is not None:
             idx.nprobe = int(params["nprobe"])

@@ -12,6 +12,11 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
   4-bit PQ ranker that scans many candidates cheaply: a full scan
   `PQ{M}x4fs,Refine(...)` (no 8-byte IVF ids, so a finer ranker fits) when it meets the query
   budget, else `IVF{nlist}[_HNSW32],PQ{M}x4fsr,Refine(...)`, else `IVF{nlist},SQ4`;
+- beside that plan, where it fits: a two-level residual code `IVF{nlist},PQ{m1}+{m2}` (faiss's IVFPQR:
+  coarse centroid, a PQ{m1} code of the residual scanned per probed list, a PQ{m2} code of what is left
+  for the re-rank). On data whose variance sits in few directions it is the more precise code for its
+  bytes; on flat spectra its ranker ranks text queries worse than the full fast-scan. Which of the two
+  serves the data is measured on the training sample (`family.choose`), not decided here;
 - with `--should-be-memory-mappable`: `Flat` as above (its vectors are mapped from the file when served),
   else `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk inverted lists (fast-scan lists cannot
   live on disk in faiss).
@@ -40,7 +45,7 @@ FAST_SCAN_BYTES_PER_S = 8e9  # PQ x4fs codes scanned per second by one core (mea
 @dataclass(frozen=True)
 class Plan:
     factory: str
-    kind: str  # "flat" | "hnsw" | "ivf" | "other"
+    kind: str  # "flat" | "hnsw" | "ivf" | "pqr" | "other"
     reason: str
     memory_bytes: int
     mmap: bool = False
@@ -52,6 +57,19 @@ class Plan:
             "reason": self.reason,
             "memory_bytes": self.memory_bytes,
         }
+
+
+def metric_of(factory: str) -> str:
+    """ "l2" for faiss's two-level residual IVFPQR (`PQ{m1}+{m2}`, implemented for L2 only), else "ip".
+    Indexed vectors are L2-normalised, so L2 ranking is inner-product ranking; the searcher turns
+    the distances back into inner products (search.searcher.ModalityIndex.search)."""
+    return "l2" if re.search(r"PQ\d+\+\d+", factory) else "ip"
+
+
+def faiss_metric(factory: str) -> int:
+    import faiss
+
+    return faiss.METRIC_L2 if metric_of(factory) == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
 def pick_nlist(n: int) -> int:
@@ -282,12 +300,58 @@ def _flat_fast_scan(
     return None
 
 
+PQR_MIN_VECTORS = 50_000  # below this the flat fast-scan plan scans everything in well under a ms
+
+
+def residual_plan(n: int, d: int, budget: int, *, mmap: bool = False) -> Plan | None:
+    """The two-level residual candidate `IVF{nlist},PQ{m1}+{m2}` that fits the budget, or None.
+
+    The re-rank level gets 2-d sub-vectors at 8 bits (PQ{d/2}), else 4-d ones; the scanned level the
+    largest of PQ{d/8}, PQ{d/16}, PQ{d/32} that still fits. Its refine codes live in the index file,
+    not in inverted lists, so it is never memory-mappable."""
+    if mmap or n < PQR_MIN_VECTORS or d % 32:
+        return None
+    nlist = pick_nlist(n)
+    cq_key, cq = coarse(nlist, d)
+    fixed = cq + 2 * 4 * d * 256 + 4 * d * d  # centroids, two PQ codebooks, a d x d rotation
+    for m2 in (d // 2, d // 4):
+        for m1 in (d // 8, d // 16, d // 32):
+            mem = fixed + n * (m1 + m2 + ID_BYTES)
+            if mem <= budget:
+                return Plan(
+                    f"{cq_key},PQ{m1}+{m2}",
+                    "pqr",
+                    f"{n} vectors in {format_memory(budget)}: IVF{nlist} lists of PQ{m1} residual codes, "
+                    f"re-ranked with PQ{m2} codes of the second residual ({format_memory(mem)})",
+                    mem,
+                )
+    return None
+
+
+def plan_candidates(
+    n: int,
+    d: int,
+    budget: int,
+    max_query_ms: float = 10.0,
+    *,
+    mmap: bool = False,
+    index_key: str | None = None,
+) -> list[Plan]:
+    """plan_index's plan, then the two-level residual one when the first is a quantized one and the
+    second fits: the caller measures both on the training sample (index.family)."""
+    first = plan_index(n, d, budget, max_query_ms, mmap=mmap, index_key=index_key)
+    if index_key or first.kind in ("flat", "hnsw", "pqr"):
+        return [first]
+    second = residual_plan(n, d, budget, mmap=mmap)
+    return [first] if second is None else [first, second]
+
+
 def describe_key(key: str, n: int, d: int) -> tuple[str, int]:
     """Kind and estimated size of a forced factory string (checked by building an empty index)."""
     import faiss
 
     try:
-        idx = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+        idx = faiss.index_factory(d, key, faiss_metric(key))
     except Exception as e:
         raise ConfigError(f"faiss cannot build {key!r}: {e}", hint="--index-key") from e
     sa = 0
@@ -299,6 +363,9 @@ def describe_key(key: str, n: int, d: int) -> tuple[str, int]:
         ivf = faiss.extract_index_ivf(idx)
     except Exception:
         ivf = None
+    if isinstance(faiss.downcast_index(ivf) if ivf is not None else None, faiss.IndexIVFPQR):
+        pqr = faiss.downcast_index(ivf)
+        return "pqr", ivf.nlist * d * 4 + n * (pqr.code_size + pqr.refine_pq.code_size + ID_BYTES)
     if ivf is not None:
         refine = 0
         if isinstance(idx, faiss.IndexRefine):

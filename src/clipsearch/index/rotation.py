@@ -98,7 +98,8 @@ def transform(matrix: np.ndarray):
 def sub_vector_sizes(factory: str, d: int) -> tuple[int, ...]:
     """The PQ sub-vector sizes of a plan's factory string, coarsest first; () when it has no PQ codes
     (scalar or flat codes do not depend on how the coordinates are split)."""
-    sizes = {d // int(m) for m in re.findall(r"PQ(\d+)", factory) if int(m) and d % int(m) == 0}
+    ms = re.findall(r"PQ(\d+)", factory) + re.findall(r"PQ\d+\+(\d+)", factory)  # + IVFPQR's second level
+    sizes = {d // int(m) for m in ms if int(m) and d % int(m) == 0}
     return tuple(sorted(sizes, reverse=True))
 
 
@@ -125,6 +126,10 @@ def _codes(factory: str) -> list[tuple[str, str, int]]:
         pq = re.fullmatch(r"PQ(\d+)(?:x\d+)?(fs|fsr)?", part)
         if pq:
             out.append((part, f"PQ{pq.group(1)}x4fs", 40))
+        two = re.fullmatch(r"PQ(\d+)\+(\d+)", part)  # IVFPQR: a scanned level, then a re-rank level
+        if two:
+            out.append((f"PQ{two.group(1)}", f"PQ{two.group(1)}x4fs", 40))
+            out.append((f"PQ{two.group(2)}", f"PQ{two.group(2)}x4fs", 10))
     if m:
         pq = re.fullmatch(r"PQ(\d+)(?:x\d+)?(fs|fsr)?", m.group(1))
         if pq:

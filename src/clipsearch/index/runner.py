@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,9 +15,9 @@ import numpy as np
 from clipsearch import storage
 from clipsearch.distribute import distribute
 from clipsearch.errors import IndexBuildError, InputError, OutputExistsError, UnitFailedError
-from clipsearch.index import build, rotation
+from clipsearch.index import build, family, rotation
 from clipsearch.index.config import IndexConfig, format_memory
-from clipsearch.index.plan import Plan, plan_index, train_points
+from clipsearch.index.plan import Plan, plan_candidates, train_points
 from clipsearch.index.readers import detect_input, load_queries, open_source
 from clipsearch.index.tune import tune
 
@@ -63,8 +64,8 @@ def build_index(cfg: IndexConfig) -> dict:
     d = source.dim
     modalities = source.modalities
     tuning_q = load_queries(cfg.tuning_queries, d) if cfg.tuning_queries else None
-    plans: dict[str, Plan] = {
-        m: plan_index(
+    plans: dict[str, list[Plan]] = {  # candidates, measured on the sample once it is drawn (index.family)
+        m: plan_candidates(
             n_total,
             d,
             cfg.budget_bytes,
@@ -74,8 +75,9 @@ def build_index(cfg: IndexConfig) -> dict:
         )
         for m in modalities
     }
-    for m, p in plans.items():
-        logger.info("%s index: %s (%s)", m, p.factory, p.reason)
+    for m, cands in plans.items():
+        for p in cands:
+            logger.info("%s index%s: %s (%s)", m, " candidate" if len(cands) > 1 else "", p.factory, p.reason)
 
     local = storage.is_local(cfg.index_folder)
     created = local and not os.path.exists(cfg.index_folder)
@@ -100,13 +102,13 @@ def build_index(cfg: IndexConfig) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) -> dict:
+def _build(cfg, source, candidates, tuning_q, work, local, resume, timings, t_start) -> dict:
     n_total = source.total_rows
     d = source.dim
     modalities = source.modalities
     # 1. scan: bad rows, training sample and tuning queries, across all parts
     t0 = time.perf_counter()
-    n_train = cfg.max_train_points or max(train_points(p, d) for p in plans.values())
+    n_train = cfg.max_train_points or max(train_points(p, d) for ps in candidates.values() for p in ps)
     logger.info("training sample: %d vectors drawn across %d parts", min(n_train, n_total), len(source.parts))
     sc = build.scan(source, modalities, n_train, cfg.n_tuning_queries, cfg.batch_rows, cfg.seed)
     timings["scan_s"] = time.perf_counter() - t0
@@ -128,8 +130,14 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
         **{m: np.concatenate([q["cross"], q["same"]]) for m, q in queries.items()},
     )
 
-    # 2. rotate or not (decided on the sample), then train on the sample drawn across all parts
+    # 2. the code family, rotate or not (both decided on the sample), then train on the sample
     t0 = time.perf_counter()
+    plans: dict[str, Plan] = {}
+    families: dict[str, dict] = {}
+    for m in modalities:
+        t_fam = time.perf_counter()
+        plans[m], families[m] = _family(candidates[m], n, sc.train[m], queries[m]["cross"], work, m, cfg.seed)
+        timings[f"family_{m}_s"] = time.perf_counter() - t_fam
     rotations: dict[str, dict] = {}
     for m in modalities:
         path = os.path.join(work, f"{m}.trained.index")
@@ -196,6 +204,7 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
             "file": f"{m}.index",
             "factory": plans[m].factory,
             "reason": plans[m].reason,
+            "family": families[m],
             "rotation": rotations[m],
             "search_params": tuned.search_params,
             # a Flat index asked to be memory-mappable is mapped by the searcher (IO_FLAG_MMAP_IFC)
@@ -269,6 +278,32 @@ def _build(cfg, source, plans, tuning_q, work, local, resume, timings, t_start) 
         _upload(work, cfg.index_folder)
     logger.info("index built: %d vectors in %.1f s -> %s", n, timings["total_s"], cfg.index_folder)
     return info
+
+
+def _family(
+    cands: list[Plan],
+    n: int,
+    sample: np.ndarray,
+    text_queries: np.ndarray,
+    work: str,
+    modality: str,
+    seed: int,
+) -> tuple[Plan, dict]:
+    """The candidate plan measured best on the sample; a resumed build reuses its first run's choice
+    (its trained index is of that plan)."""
+    path = os.path.join(work, build.PARTS_DIR, f"{modality}.family.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        for p in cands:
+            if p.factory == saved["chosen"]:
+                return p, saved
+    choice = family.choose(cands, n, sample, text_queries, seed)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(choice.to_json(), f)
+    os.replace(tmp, path)
+    return choice.plan, choice.to_json()
 
 
 def _rotation(cfg: IndexConfig, plan: Plan, sample: np.ndarray, text_queries: np.ndarray) -> rotation.Choice:

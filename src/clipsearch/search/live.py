@@ -431,12 +431,12 @@ class SegmentedSearcher:
         if allow is None:
             r = s.search(q, k, modality=modality, params=p)
             return r.distances, r.ids, r.plan
-        if filtered or seg.live < (1 - DENSE_DELETES) * seg.entry.count:
+        mi = s.modality(modality)
+        if filtered or seg.live < (1 - DENSE_DELETES) * seg.entry.count or not mi.supports_selector:
             # the segment's own planner: exact over a small allowed subset, else ANN with the selector
             r = s.search(q, k, modality=modality, filter=allow, params=p)
             return r.distances, r.ids, r.plan
         # sparse deletes: the ANN search skips them through the selector; a short row is redone exactly
-        mi = s.modality(modality)
         d, i = mi.search(q, k, p, allow.selector())
         plan = "ann+tombstones" if not mi.is_flat else "exact+tombstones"
         short = np.flatnonzero((i < 0).any(axis=1)) if k <= seg.live else np.zeros(0, np.int64)

@@ -137,6 +137,15 @@ def build_search_params(index: Any, p: SearchParams, sel: Any = None, keep: list
     return params
 
 
+def l2_to_inner_product(x: np.ndarray, dist: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Inner products of queries x with unit-norm rows from their squared L2 distances:
+    |q - v|^2 = |q|^2 + 1 - 2 q.v. Empty slots (id -1) get -inf, as inner-product searches give."""
+    qn = np.einsum("ij,ij->i", x, x)[:, None]
+    out = ((qn + 1.0 - dist) * 0.5).astype(np.float32)
+    out[ids < 0] = -np.inf
+    return out
+
+
 def _inner(index: Any) -> Any:
     idx = faiss.downcast_index(index)
     while True:
@@ -246,9 +255,16 @@ class ModalityIndex:
         self.is_flat = isinstance(self.inner, faiss.IndexFlat)
         self.is_ivf = isinstance(self.inner, faiss.IndexIVF)
         self.is_hnsw = isinstance(self.inner, faiss.IndexHNSW)
-        # faiss applies an IDSelector inside the scan of every index kind but flat fast-scan
+        # faiss's two-level residual IVFPQR searches by L2 only; indexed vectors are unit-norm, so its
+        # ranking is the inner-product ranking and search() turns its distances into inner products
+        self.l2_distances = int(self.inner.metric_type) == faiss.METRIC_L2
+        if isinstance(self.inner, faiss.IndexIVFPQR) and self.defaults.get("k_factor") is not None:
+            self.inner.k_factor = float(self.defaults["k_factor"])  # an attribute, not a search parameter
+        # faiss applies an IDSelector inside the scan of every index kind but flat fast-scan and IVFPQR
+        # (whose scan hands list positions to its re-rank: faiss refuses a selector with those)
         self.supports_selector = not (
-            isinstance(self.inner, faiss.IndexFastScan) and not isinstance(self.inner, faiss.IndexIVF)
+            (isinstance(self.inner, faiss.IndexFastScan) and not isinstance(self.inner, faiss.IndexIVF))
+            or isinstance(self.inner, faiss.IndexIVFPQR)
         )
         self.vectors: np.ndarray | None = None
         self._rows: RowReader | None = None
@@ -315,7 +331,11 @@ class ModalityIndex:
         else:
             keep = [sel]
             cached = (build_search_params(self.index, merged, sel, keep), keep)
-        return self.index.search(np.ascontiguousarray(x, dtype=np.float32), k, params=cached[0])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        dist, ids = self.index.search(x, k, params=cached[0])
+        if self.l2_distances:
+            dist = l2_to_inner_product(x, dist, ids)
+        return dist, ids
 
     def _ensure_direct_map(self) -> None:
         if self._direct_map_ready:

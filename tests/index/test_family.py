@@ -27,7 +27,7 @@ def test_residual_candidate_fits_the_budget_and_is_never_memory_mappable():
     cands = plan_candidates(n, d, budget)
     assert [p.kind for p in cands] == ["other", "pqr"]
     pqr = cands[1]
-    assert pqr.factory == "IVF1024,PQ32+256" and pqr.memory_bytes <= budget
+    assert pqr.factory == "IVF2048,PQ32+256" and pqr.memory_bytes <= budget
     # a tighter budget trades the re-rank level's precision down, then nothing fits
     assert residual_plan(n, d, 48 << 20).factory.endswith("+128")
     assert residual_plan(n, d, 16 << 20) is None

@@ -311,20 +311,25 @@ def residual_plan(n: int, d: int, budget: int, *, mmap: bool = False) -> Plan | 
     not in inverted lists, so it is never memory-mappable."""
     if mmap or n < PQR_MIN_VECTORS or d % 32:
         return None
-    nlist = pick_nlist(n)
-    cq_key, cq = coarse(nlist, d)
-    fixed = cq + 2 * 4 * d * 256 + 4 * d * d  # centroids, two PQ codebooks, a d x d rotation
-    for m2 in (d // 2, d // 4):
-        for m1 in (d // 8, d // 16, d // 32):
-            mem = fixed + n * (m1 + m2 + ID_BYTES)
-            if mem <= budget:
-                return Plan(
-                    f"{cq_key},PQ{m1}+{m2}",
-                    "pqr",
-                    f"{n} vectors in {format_memory(budget)}: IVF{nlist} lists of PQ{m1} residual codes, "
-                    f"re-ranked with PQ{m2} codes of the second residual ({format_memory(mem)})",
-                    mem,
-                )
+    # a finer coarse level leaves smaller residuals to both code levels: on the steep development draw
+    # (50k), twice the lists gave +0.005 to +0.011 text recall@10 at the same share of lists probed.
+    # Twice pick_nlist when the centroids fit beside the codes (and lists keep >= 40 points)
+    finer = 2 * pick_nlist(n)
+    nlists = ([finer] if n / finer >= 40 else []) + [pick_nlist(n)]
+    for m2, m1, nlist in (
+        (m2, m1, nl) for m2 in (d // 2, d // 4) for m1 in (d // 8, d // 16, d // 32) for nl in nlists
+    ):
+        cq_key, cq = coarse(nlist, d)
+        fixed = cq + 2 * 4 * d * 256 + 4 * d * d  # centroids, two PQ codebooks, a d x d rotation
+        mem = fixed + n * (m1 + m2 + ID_BYTES)
+        if mem <= budget:
+            return Plan(
+                f"{cq_key},PQ{m1}+{m2}",
+                "pqr",
+                f"{n} vectors in {format_memory(budget)}: IVF{nlist} lists of PQ{m1} residual codes, "
+                f"re-ranked with PQ{m2} codes of the second residual ({format_memory(mem)})",
+                mem,
+            )
     return None
 
 

@@ -119,7 +119,7 @@ def _grid(index, kind: str) -> list[list[dict]]:
     probes.append(nlist)
     probes = sorted(set(x for x in probes if x <= nlist))
     if isinstance(idx, faiss.IndexIVFPQR):  # two-level residual codes: few candidates reach the re-rank
-        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in (8, 16, 32, 64, 128, 256)]
+        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in (16, 64, 256)]
     if isinstance(idx, faiss.IndexRefine):
         return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in k_factors]
     return [[{"nprobe": n} for n in probes]]

@@ -94,8 +94,9 @@ def test_residual_index_appends_deletes_and_compacts(residual_index, tmp_path):
 
 
 def test_the_family_is_measured_on_the_sample(monkeypatch):
-    """A flat spectrum keeps the flat fast-scan family; a steep one, with text-like queries, gets the
-    two-level residual codes, which find more of their neighbours there."""
+    """A flat spectrum keeps the flat fast-scan family on random directions; a steep one, with text-like
+    queries, gets the two-level residual codes, which find far more of their neighbours there. Where the
+    two are close, the residual family is taken only when it wins by MIN_GAIN."""
     from clipsearch.index.plan import Plan
 
     from .test_rotation import anisotropic
@@ -104,9 +105,15 @@ def test_the_family_is_measured_on_the_sample(monkeypatch):
     flat = Plan("PQ16x4fs,Refine(PQ32x8)", "other", "", 0)
     pqr = residual_plan(200_000, 64, 64 << 20)
     x, q = anisotropic(6000, 64, seed=1, decay=0.0)
-    assert family.choose([flat, pqr], 200_000, x, q).plan is flat
     blind = family.choose([flat, pqr], 200_000, x, None)
     assert blind.plan is flat and "random directions" in blind.reason
+    assert blind.estimates[flat.factory] >= blind.estimates[pqr.factory] + 0.01
+    # text-like queries on a flat spectrum: a near tie (which side wins varies with the CPU's faiss kernels),
+    # so only the rule is asserted
+    near = family.choose([flat, pqr], 200_000, x, q)
+    gain = near.estimates[pqr.factory] - near.estimates[flat.factory]
+    assert abs(gain) < 0.04
+    assert near.plan is (pqr if gain >= family.MIN_GAIN else flat)
     x, q = anisotropic(6000, 64, seed=1, decay=2.0)
     steep = family.choose([flat, pqr], 200_000, x, q)
     assert steep.plan is pqr

@@ -94,9 +94,9 @@ def test_residual_index_appends_deletes_and_compacts(residual_index, tmp_path):
 
 
 def test_the_family_is_measured_on_the_sample(monkeypatch):
-    """A flat spectrum keeps the flat fast-scan family on random directions; a steep one, with text-like
-    queries, gets the two-level residual codes, which find far more of their neighbours there. Where the
-    two are close, the residual family is taken only when it wins by MIN_GAIN."""
+    """On a steep spectrum the two-level residual codes find far more of the neighbours, of text-like
+    queries and, without them, at both ends of the modality gap; where the two families are close, the
+    residual one is taken only when it wins by MIN_GAIN."""
     from clipsearch.index.plan import Plan
 
     from .test_rotation import anisotropic
@@ -105,17 +105,38 @@ def test_the_family_is_measured_on_the_sample(monkeypatch):
     flat = Plan("PQ16x4fs,Refine(PQ32x8)", "other", "", 0)
     pqr = residual_plan(200_000, 64, 64 << 20)
     x, q = anisotropic(6000, 64, seed=1, decay=0.0)
-    blind = family.choose([flat, pqr], 200_000, x, None)
-    assert blind.plan is flat and "random directions" in blind.reason
-    assert blind.estimates[flat.factory] >= blind.estimates[pqr.factory] + 0.01
-    # text-like queries on a flat spectrum: a near tie (which side wins varies with the CPU's faiss kernels),
-    # so only the rule is asserted
+    # text-like queries on a flat spectrum: a near tie (which side wins varies with the CPU's faiss kernels)
     near = family.choose([flat, pqr], 200_000, x, q)
-    gain = near.estimates[pqr.factory] - near.estimates[flat.factory]
+    gain = near.estimates["text-like queries"][pqr.factory] - near.estimates["text-like queries"][flat.factory]
     assert abs(gain) < 0.04
     assert near.plan is (pqr if gain >= family.MIN_GAIN else flat)
     x, q = anisotropic(6000, 64, seed=1, decay=2.0)
     steep = family.choose([flat, pqr], 200_000, x, q)
     assert steep.plan is pqr
-    assert steep.estimates[pqr.factory] >= steep.estimates[flat.factory] + 0.04
+    est = steep.estimates["text-like queries"]
+    assert est[pqr.factory] >= est[flat.factory] + 0.04
+    blind = family.choose([flat, pqr], 200_000, x, None)
+    assert blind.plan is pqr and "held-out points" in blind.reason
+    for name in ("held-out points", "random directions"):
+        assert blind.estimates[name][pqr.factory] >= blind.estimates[name][flat.factory] + 0.02
     assert family.choose([flat], 200_000, x, q).plan is flat  # nothing to compare
+
+
+@pytest.mark.parametrize(
+    "gains, taken",
+    [
+        ({"text-like queries": 0.06}, True),
+        ({"text-like queries": 0.005}, False),  # within MIN_GAIN: the flat family stays
+        ({"text-like queries": -0.05}, False),
+        # without text: the development draws (docs/bench-index.md, session 8)
+        ({"held-out points": 0.104, "random directions": -0.004}, True),  # steep
+        ({"held-out points": 0.058, "random directions": -0.097}, False),  # clip: far queries lose
+        ({"held-out points": 0.082, "random directions": -0.049}, False),  # outliers
+        ({"held-out points": -0.047, "random directions": -0.132}, False),  # isotropic
+        ({"held-out points": 0.005, "random directions": 0.0}, False),  # no clear win up close
+    ],
+)
+def test_blind_rule_wants_a_win_near_and_no_loss_far(gains, taken):
+    ok, why = family.decide(gains)
+    assert ok is taken
+    assert all(name in why for name in gains)

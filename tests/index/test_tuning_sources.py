@@ -168,3 +168,48 @@ def test_text_tower_that_cannot_load_falls_back_to_the_budget_rule(tmp_path, cap
     tuning = info["indices"]["image"]["tuning"]
     assert tuning["rule"] == "budget" and "could not be used" in tuning["text_like_source"]
     assert any("cannot encode tuning prompts" in r.message for r in caplog.records)
+
+
+def test_budget_rule_with_two_knobs_spends_where_far_queries_gain():
+    """On a probe x re-rank grid the slowest point within the budget probes every list and re-ranks few
+    candidates; random directions show that re-ranking more is what far queries need, and the cheapest
+    point near their best recall wins."""
+    from clipsearch.index.tune import FAR_PLATEAU, _choose
+
+    def point(nprobe, kf, ms, far):
+        return {
+            "params": {"nprobe": nprobe, "k_factor": kf},
+            "latency_ms": ms,
+            "recall_at_10": 0.96,
+            "recall_at_10_far": far,
+        }
+
+    curve = [
+        point(16, 256, 4.0, 0.86),
+        point(64, 16, 8.0, 0.66),
+        point(32, 256, 6.0, 0.875),
+        point(64, 256, 12.0, 0.88),
+    ]
+    curve.sort(key=lambda p: p["latency_ms"])
+    chosen, why = _choose(curve, 10.0, None, spend=True, far=True)
+    assert chosen["params"] == {"nprobe": 16, "k_factor": 256} and "random directions" in why
+    assert 0.875 - 0.86 <= FAR_PLATEAU
+    # one knob (or no far queries measured): the most candidates within the budget, as before
+    slowest, _ = _choose(curve, 10.0, None, spend=True, far=False)
+    assert slowest["params"] == {"nprobe": 64, "k_factor": 16}
+
+
+def test_blind_residual_index_records_the_far_queries(tmp_path):
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    img, txt = clip_like(8000, 32, seed=9, n_clusters=100)
+    np.save(folder / "a.npy", img)
+    out = str(tmp_path / "index")
+    info = build_index(cfg(str(folder), out, index_key="IVF32,PQ8+16"))
+    image = info["indices"]["image"]
+    assert image["tuning"]["rule"] == "budget" and "random directions" in image["tuning"]["reason"]
+    assert 0 < image["tuning"]["measured"]["recall_at_10_far"] <= 1
+    assert all("recall_at_10_far" in p for p in image["curve"])
+    index = read_index(os.path.join(out, "image.index"))
+    apply_search_params(index, image["search_params"])
+    assert text_recall(index, img, np.ascontiguousarray(txt[::40])) >= 0.8

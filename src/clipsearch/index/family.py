@@ -11,20 +11,20 @@ The planner offers two plans for a quantized index (index.plan.plan_candidates):
   re-rank is more precise for the same bytes; but only the probed lists are looked at.
 
 Neither wins everywhere (docs/bench-index.md), so both are built at the scale of the sample: trained
-on sample points, filled with EVAL_DB of them, searched with the queries, each at a generous operating
-point (RERANK_SHARE of the points re-ranked; a quarter of the lists probed) so that the comparison is
-of what the codes can reach, which the tuner then buys within the query-time budget. The queries are
-the text-like tuning queries when there are any, else random directions, as in rotation.choose.
+on sample points, filled with EVAL_DB of them, and searched, each at the operating point the tuner will
+buy within the query-time budget: RERANK_SHARE of the points re-ranked, and, with text-like queries,
+a quarter of the lists probed (where the text tuner's curve bends), without them all of them (the
+budget rule spends the budget). The residual family must win by MIN_GAIN; the flat family is the
+default (it also serves memory-mapped lists and per-request re-rank depths).
 
-Without text-like queries the choice is conservative on purpose. What decides between the families is
-how far text queries lie from the images (the modality gap), and image vectors alone do not show it:
-on the development draws of benchmarks/geometries.py, no query stand-in drawn from the sample (held-out
-points, centred points, Gaussian draws with the sample's covariance) ranked the families as text queries
-do on both `steep` (small gap: the residual family wins by 0.06) and `clip` (a CLIP-like gap: the flat
-family wins by 0.06). Random directions, the widest gap, keep the flat family on every geometry; on the
-one where that costs recall (steep), a user gets the residual family by giving text-like queries or the
-model (docs/bench-index.md). The residual family must win by MIN_GAIN:
-the flat family is the default (it also serves memory-mapped lists and per-request re-rank depths).
+With text-like tuning queries (--tuning-queries, captions, --clip-model), they decide. Without, what
+decides between the families is how far text queries will lie from the images (the modality gap), and
+image vectors alone do not show it. So the two ends of that range are measured instead: held-out sample
+points (no gap) and random directions (the widest gap, nothing near). The residual family is taken only
+where it wins at the near end by MIN_GAIN and loses at most BLIND_TOLERANCE at the far end, so that it
+holds whatever the gap turns out to be; text queries lie between the two. On the development draws of
+benchmarks/geometries.py this takes it on `steep` (small gap, most variance in few directions) and keeps
+the flat family on the four others, where random directions cost it 0.04-0.11 (docs/bench-index.md).
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ MIN_GAIN = 0.01
 EVAL_DB = 12_000
 EVAL_QUERIES = 400
 RERANK_SHARE = 0.05  # candidates re-ranked, as a share of the points searched
-PROBE_SHARE = 0.25  # lists probed by the residual family
+PROBE_SHARE = 0.25  # lists probed by the residual family, with text-like queries (the tuner's knee)
+BLIND_PROBE_SHARE = 1.0  # without: the budget rule probes deep
+BLIND_RANDOM_QUERIES = 1000
+BLIND_TOLERANCE = 0.02  # how much the residual family may lose on random directions, taken blind
 ITERATIONS = 10
 
 
@@ -54,7 +57,7 @@ ITERATIONS = 10
 class FamilyChoice:
     plan: Plan
     reason: str
-    estimates: dict = field(default_factory=dict)  # factory -> recall@10
+    estimates: dict = field(default_factory=dict)  # query set -> factory -> recall@10
 
     def to_json(self) -> dict:
         return {"chosen": self.plan.factory, "reason": self.reason, "estimates": self.estimates}
@@ -96,15 +99,17 @@ def build_small(factory: str, n_full: int, db: np.ndarray):
     return index, nlist
 
 
-def recall_at_operating_point(index, nlist: int, q: np.ndarray, gt: np.ndarray) -> float:
-    """recall@10 with RERANK_SHARE of the points re-ranked and PROBE_SHARE of the lists probed."""
+def recall_at_operating_point(
+    index, nlist: int, q: np.ndarray, gt: np.ndarray, probe_share: float = PROBE_SHARE
+) -> float:
+    """recall@10 with RERANK_SHARE of the points re-ranked and probe_share of the lists probed."""
     import faiss
 
     from clipsearch.index.tune import recall_at_k
 
     ps = faiss.ParameterSpace()
     if nlist:
-        ps.set_index_parameter(index, "nprobe", max(1, int(nlist * PROBE_SHARE)))
+        ps.set_index_parameter(index, "nprobe", max(1, int(nlist * probe_share)))
     k_factor = max(1.0, RERANK_SHARE * index.ntotal / 10)
     top = faiss.downcast_index(index)
     if isinstance(top, faiss.IndexRefine):
@@ -113,6 +118,21 @@ def recall_at_operating_point(index, nlist: int, q: np.ndarray, gt: np.ndarray) 
         top.k_factor = k_factor
     _, ids = index.search(q, 10)
     return recall_at_k(ids, gt)
+
+
+def decide(gains: dict[str, float]) -> tuple[bool, str]:
+    """Whether the second (residual) family is taken, from its recall gains over the first per query set,
+    and why (module docstring)."""
+    if "text-like queries" in gains:
+        g = gains["text-like queries"]
+        return g >= MIN_GAIN, f"finds {g:+.3f} on text-like queries (needs {MIN_GAIN})"
+    near, far = gains["held-out points"], gains["random directions"]
+    why = f"finds {near:+.3f} on held-out points (needs {MIN_GAIN}) and {far:+.3f} on random directions"
+    return near >= MIN_GAIN and far >= -BLIND_TOLERANCE, f"{why} (needs {-BLIND_TOLERANCE})"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
 
 def choose(
@@ -128,33 +148,37 @@ def choose(
     t0 = time.perf_counter()
     d = sample.shape[1]
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(sample))[: min(EVAL_DB, len(sample))]
-    db = np.ascontiguousarray(sample[pick], dtype=np.float32)
-    if text_queries is not None and len(text_queries) >= 100:
-        q, what_q = np.ascontiguousarray(text_queries[:EVAL_QUERIES], dtype=np.float32), "text-like queries"
+    perm = rng.permutation(len(sample))
+    db = np.ascontiguousarray(sample[perm[: min(EVAL_DB, len(sample))]], dtype=np.float32)
+    text = text_queries is not None and len(text_queries) >= 100
+    if text:
+        sets = {"text-like queries": (_unit(text_queries[:EVAL_QUERIES]), PROBE_SHARE)}
     else:
-        q = rng.standard_normal((EVAL_QUERIES, d)).astype(np.float32)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        what_q = "random directions"
-    est: dict[str, float] = {}
+        held = sample[perm[len(db) :][:EVAL_QUERIES]]
+        if len(held) < 100:  # a small sample: points of the db itself, their own match left in
+            held = db[:EVAL_QUERIES]
+        sets = {
+            "held-out points": (_unit(held), BLIND_PROBE_SHARE),
+            "random directions": (_unit(rng.standard_normal((BLIND_RANDOM_QUERIES, d))), BLIND_PROBE_SHARE),
+        }
+    est: dict[str, dict[str, float]] = {name: {} for name in sets}
     for p in plans:
         sizes = rotation.sub_vector_sizes(p.factory, d) or (1,)
         m = rotation.balanced_pca(db, sizes)
-        x, qq = np.ascontiguousarray(db @ m.T), np.ascontiguousarray(q @ m.T)
-        _, gt = faiss.knn(qq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        x = np.ascontiguousarray(db @ m.T)
         index, nlist = build_small(p.factory, n_full, x)
-        est[p.factory] = round(recall_at_operating_point(index, nlist, qq, gt), 4)
+        for name, (q, share) in sets.items():
+            qq = np.ascontiguousarray(q @ m.T)
+            _, gt = faiss.knn(qq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+            est[name][p.factory] = round(recall_at_operating_point(index, nlist, qq, gt, share), 4)
     first, second = plans[0], plans[1]
-    gain = est[second.factory] - est[first.factory]
-    how = (
-        f"{first.factory}: {est[first.factory]:.3f}, {second.factory}: {est[second.factory]:.3f} recall@10 "
-        f"of {len(q)} {what_q} over {len(db)} sample points, {time.perf_counter() - t0:.0f} s"
-    )
-    if gain >= MIN_GAIN:
-        choice = FamilyChoice(second, f"{second.factory} finds {gain:+.3f} more neighbours ({how})", est)
-    else:
-        choice = FamilyChoice(
-            first, f"{first.factory}: the alternative finds {gain:+.3f} < {MIN_GAIN} more ({how})", est
-        )
+    gains = {name: e[second.factory] - e[first.factory] for name, e in est.items()}
+    how = "; ".join(
+        f"{name}: {first.factory} {e[first.factory]:.3f}, {second.factory} {e[second.factory]:.3f}"
+        for name, e in est.items()
+    ) + f" (recall@10 over {len(db)} sample points, {time.perf_counter() - t0:.0f} s)"
+    ok, why = decide(gains)
+    plan = second if ok else first
+    choice = FamilyChoice(plan, f"{plan.factory}: {second.factory} {why}: {how}", est)
     logger.info("code family: %s", choice.reason)
     return choice

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # what an interrupted run of ours leaves behind; a folder holding only these is resumed
 RESUMABLE = {build.PARTS_DIR, "image.trained.index", "text.trained.index", "keywords"}
 N_SAME_QUERIES = 500
+N_FAR_QUERIES = 300
 
 
 def _check_output(folder: str) -> bool:
@@ -127,7 +128,7 @@ def _build(cfg, source, candidates, tuning_q, work, local, resume, timings, t_st
     queries = _tuning_queries(sc, modalities, tuning_q, cfg.clip_model or source.model)
     np.savez(
         os.path.join(work, build.PARTS_DIR, "queries.npz"),
-        **{m: np.concatenate([q["cross"], q["same"]]) for m, q in queries.items()},
+        **{m: np.concatenate([q["cross"], q["same"], q["far"]]) for m, q in queries.items()},
     )
 
     # 2. the code family, rotate or not (both decided on the sample), then train on the sample
@@ -192,8 +193,8 @@ def _build(cfg, source, candidates, tuning_q, work, local, resume, timings, t_st
         timings[f"merge_{m}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         gt = build.merge_ground_truth(work, names, m)
-        n_cross = len(queries[m]["cross"])
-        gts = {"cross": gt[:n_cross], "same": gt[n_cross:]}
+        n_cross, n_same = len(queries[m]["cross"]), len(queries[m]["same"])
+        gts = {"cross": gt[:n_cross], "same": gt[n_cross : n_cross + n_same], "far": gt[n_cross + n_same :]}
         index = build.read_index(out, mmap)
         tuned = tune(index, plans[m].kind, queries[m], gts, cfg.max_index_query_time_ms, cfg.min_recall)
         timings[f"tune_{m}_s"] = time.perf_counter() - t0
@@ -334,12 +335,22 @@ def _tuning_queries(sc, modalities, tuning_q, model: str | None) -> dict[str, di
         else:
             cross, src = _prompt_queries(model, sc.queries[m].shape[1], len(sc.queries[m]))
         same = sc.queries[m][:N_SAME_QUERIES] if len(cross) else sc.queries[m]
+        d = sc.queries[m].shape[1]
+        # without text-like queries, random directions (nothing near them: the widest modality gap) tell
+        # the budget rule which of two knobs far queries need (tune.py)
+        far = _random_directions(0 if len(cross) else N_FAR_QUERIES, d)
         out[m] = {
             "cross": np.ascontiguousarray(cross, dtype=np.float32),
             "same": np.ascontiguousarray(same),
+            "far": far,
             "cross_source": src,
         }
     return out
+
+
+def _random_directions(n: int, d: int) -> np.ndarray:
+    q = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    return np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
 
 
 def _prompt_queries(model: str | None, dim: int, n: int) -> tuple[np.ndarray, str]:

@@ -11,7 +11,11 @@ Without cross queries, same-modality recall is no guide: it plateaus after a few
 text queries' recall keeps rising with every candidate added (docs/bench-index.md). The rule is then
 autofaiss's: spend the query-time budget. Among the points whose same-modality recall is on its
 plateau, the slowest one within BUDGET_MARGIN of the budget wins (the margin absorbs the run-to-run
-noise of latency measurements, so the served latency stays within the budget).
+noise of latency measurements, so the served latency stays within the budget). With two knobs (lists
+probed and candidates re-ranked) "the slowest" is no guide to where the budget is best spent: the
+slowest point of an IVFPQR grid probes every list and re-ranks few candidates, which text queries need
+more of. There `far` queries decide, random directions (the widest modality gap): the cheapest point
+within FAR_PLATEAU of their best recall within the budget (docs/bench-index.md, session 8).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ K = 10
 N_LATENCY = 40
 BUDGET_MARGIN = 0.85  # the budget rule spends at most this share of --max-index-query-time-ms
 PLATEAU = 0.002  # recall differences below this are noise (1000 queries x 10 neighbours)
+N_SAME_RECORD = 100  # image queries measured beside far ones, for index.json only
+FAR_PLATEAU = 0.02  # random directions' recall over 300 queries: about two standard errors
 
 
 @dataclass
@@ -54,7 +60,7 @@ def recall_at_k(found: np.ndarray, gt: np.ndarray, k: int = K) -> float:
 def _measure(index, params: dict, queries: dict[str, np.ndarray], gt: dict[str, np.ndarray]) -> dict:
     apply_search_params(index, params)
     point: dict = {"params": dict(params)}
-    for name, key in (("same", "recall_at_10"), ("cross", "recall_at_10_text")):
+    for name, key in (("same", "recall_at_10"), ("cross", "recall_at_10_text"), ("far", "recall_at_10_far")):
         q = queries.get(name)
         if q is None or not len(q):
             continue
@@ -119,7 +125,7 @@ def _grid(index, kind: str) -> list[list[dict]]:
     probes.append(nlist)
     probes = sorted(set(x for x in probes if x <= nlist))
     if isinstance(idx, faiss.IndexIVFPQR):  # two-level residual codes: few candidates reach the re-rank
-        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in (16, 64, 256)]
+        return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in (16, 32, 64, 128, 256)]
     if isinstance(idx, faiss.IndexRefine):
         return [[{"nprobe": n, "k_factor": kf} for n in probes] for kf in k_factors]
     return [[{"nprobe": n} for n in probes]]
@@ -137,7 +143,12 @@ def tune(
     has_cross = queries.get("cross") is not None and len(queries["cross"]) > 0
     spend = not has_cross and min_recall is None  # the budget rule (module docstring)
     curve: list[dict] = []
-    for ladder in _grid(index, kind):
+    grid = _grid(index, kind)
+    far = spend and len(grid) > 1 and queries.get("far") is not None and len(queries["far"]) > 0
+    if far:  # far queries decide (module docstring): a few image queries are kept for the record only
+        queries = {**queries, "same": queries["same"][:N_SAME_RECORD]}
+        gt = {**gt, "same": gt["same"][:N_SAME_RECORD]}
+    for ladder in grid:
         best, stale = -1.0, 0
         for params in ladder:
             point = _measure(index, params, queries, gt)
@@ -152,7 +163,7 @@ def tune(
             if min_recall is not None and r >= min_recall and point["latency_ms"] > max_query_ms:
                 break
     curve.sort(key=lambda p: p["latency_ms"])
-    chosen, reason = _choose(curve, max_query_ms, min_recall, spend)
+    chosen, reason = _choose(curve, max_query_ms, min_recall, spend, far)
     apply_search_params(index, chosen["params"])
     logger.info(
         "tuned %s: %s -> recall@10 %s (text-like %s), %.2f ms/query; %d points in %.1f s (%s)",
@@ -170,7 +181,7 @@ def tune(
 
 
 def _choose(
-    curve: list[dict], max_query_ms: float, min_recall: float | None, spend: bool
+    curve: list[dict], max_query_ms: float, min_recall: float | None, spend: bool, far: bool = False
 ) -> tuple[dict, str]:
     if min_recall is not None:
         ok = [p for p in curve if _objective(p) >= min_recall]
@@ -190,6 +201,14 @@ def _choose(
         reason = f"no point is faster than {limit:g} ms: the fastest measured"
         logger.warning("%s (%.2f ms)", reason, curve[0]["latency_ms"])
         return curve[0], reason
+    if spend and far:
+        top_far = max(p["recall_at_10_far"] for p in ok)
+        near = [p for p in ok if p["recall_at_10_far"] >= top_far - FAR_PLATEAU]
+        return min(near, key=lambda p: p["latency_ms"]), (
+            f"no text-like queries, two knobs: the cheapest point within {FAR_PLATEAU} of the best recall@10 "
+            f"of random directions ({top_far:.3f}) within {limit:g} ms ({BUDGET_MARGIN:g} x the "
+            f"{max_query_ms:g} ms budget)"
+        )
     top = max(_objective(p) for p in ok)
     plateau = [p for p in ok if _objective(p) >= top - PLATEAU]
     if spend:

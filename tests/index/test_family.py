@@ -107,7 +107,9 @@ def test_the_family_is_measured_on_the_sample(monkeypatch):
     x, q = anisotropic(6000, 64, seed=1, decay=0.0)
     # text-like queries on a flat spectrum: a near tie (which side wins varies with the CPU's faiss kernels)
     near = family.choose([flat, pqr], 200_000, x, q)
-    gain = near.estimates["text-like queries"][pqr.factory] - near.estimates["text-like queries"][flat.factory]
+    gain = (
+        near.estimates["text-like queries"][pqr.factory] - near.estimates["text-like queries"][flat.factory]
+    )
     assert abs(gain) < 0.04
     assert near.plan is (pqr if gain >= family.MIN_GAIN else flat)
     x, q = anisotropic(6000, 64, seed=1, decay=2.0)

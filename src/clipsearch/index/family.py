@@ -173,10 +173,13 @@ def choose(
             est[name][p.factory] = round(recall_at_operating_point(index, nlist, qq, gt, share), 4)
     first, second = plans[0], plans[1]
     gains = {name: e[second.factory] - e[first.factory] for name, e in est.items()}
-    how = "; ".join(
-        f"{name}: {first.factory} {e[first.factory]:.3f}, {second.factory} {e[second.factory]:.3f}"
-        for name, e in est.items()
-    ) + f" (recall@10 over {len(db)} sample points, {time.perf_counter() - t0:.0f} s)"
+    how = (
+        "; ".join(
+            f"{name}: {first.factory} {e[first.factory]:.3f}, {second.factory} {e[second.factory]:.3f}"
+            for name, e in est.items()
+        )
+        + f" (recall@10 over {len(db)} sample points, {time.perf_counter() - t0:.0f} s)"
+    )
     ok, why = decide(gains)
     plan = second if ok else first
     choice = FamilyChoice(plan, f"{plan.factory}: {second.factory} {why}: {how}", est)

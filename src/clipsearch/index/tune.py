@@ -34,7 +34,7 @@ K = 10
 N_LATENCY = 40
 BUDGET_MARGIN = 0.85  # the budget rule spends at most this share of --max-index-query-time-ms
 PLATEAU = 0.002  # recall differences below this are noise (1000 queries x 10 neighbours)
-N_SAME_RECORD = 100  # image queries measured beside far ones, for index.json only
+N_SAME_RECORD = 100  # image queries measured beside text-like or far ones, for index.json only
 FAR_PLATEAU = 0.02  # random directions' recall over 300 queries: about two standard errors
 
 
@@ -145,7 +145,7 @@ def tune(
     curve: list[dict] = []
     grid = _grid(index, kind)
     far = spend and len(grid) > 1 and queries.get("far") is not None and len(queries["far"]) > 0
-    if far:  # far queries decide (module docstring): a few image queries are kept for the record only
+    if far or has_cross:  # text-like or far queries decide: a few image queries are kept for the record
         queries = {**queries, "same": queries["same"][:N_SAME_RECORD]}
         gt = {**gt, "same": gt["same"][:N_SAME_RECORD]}
     for ladder in grid:

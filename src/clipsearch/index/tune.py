@@ -145,7 +145,8 @@ def tune(
     curve: list[dict] = []
     grid = _grid(index, kind)
     far = spend and len(grid) > 1 and queries.get("far") is not None and len(queries["far"]) > 0
-    if far or has_cross:  # text-like or far queries decide: a few image queries are kept for the record
+    if (far or has_cross) and queries.get("same") is not None:
+        # text-like or far queries decide: a few image queries are kept for the record
         queries = {**queries, "same": queries["same"][:N_SAME_RECORD]}
         gt = {**gt, "same": gt["same"][:N_SAME_RECORD]}
     for ladder in grid:

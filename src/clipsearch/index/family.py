@@ -24,7 +24,7 @@ points (no gap) and random directions (the widest gap, nothing near). The residu
 where it wins at the near end by MIN_GAIN and loses at most BLIND_TOLERANCE at the far end, so that it
 holds whatever the gap turns out to be; text queries lie between the two. On the development draws of
 benchmarks/geometries.py this takes it on `steep` (small gap, most variance in few directions) and keeps
-the flat family on the four others, where random directions cost it 0.04-0.11 (docs/bench-index.md).
+the flat family on the four others, where random directions cost it 0.05-0.13 (docs/bench-index.md).
 """
 
 from __future__ import annotations

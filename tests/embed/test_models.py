@@ -143,3 +143,27 @@ def test_shipped_tiny_model_is_the_offline_default(monkeypatch: pytest.MonkeyPat
     v = enc.encode_images([_img(12, (64, 64))])
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
     assert make_preprocessor(DEFAULT_MODEL) == enc.preprocessor
+
+
+def test_folder_saved_by_transformers_5_keeps_its_image_settings(tiny_clip: str, tmp_path) -> None:
+    """transformers >= 5 saves the image processor inside processor_config.json, with no
+    preprocessor_config.json beside it: the loader reads it there."""
+    import json
+    import shutil
+
+    new = tmp_path / "saved_by_v5"
+    shutil.copytree(tiny_clip, new)
+    pp = json.loads((new / "preprocessor_config.json").read_text())
+    (new / "preprocessor_config.json").unlink()
+    (new / "processor_config.json").write_text(
+        json.dumps({"image_processor": pp, "processor_class": "CLIPProcessor"})
+    )
+    ims = [_img(7), _img(8, (90, 30))]
+    np.testing.assert_allclose(
+        load_clip(str(new), precision="fp32").encode_images(ims),
+        load_clip(tiny_clip, precision="fp32").encode_images(ims),
+        atol=1e-6,
+    )
+    (new / "processor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="image preprocessing is unknown"):
+        load_clip(str(new))

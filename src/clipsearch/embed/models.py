@@ -299,24 +299,42 @@ def _hub_error(name: str, e: BaseException) -> ModelLoadError:
 
 
 def _hf_preprocessor_config(resolved: str, model_type: str) -> dict[str, Any]:
+    """The image processor's settings: `preprocessor_config.json`, or the `image_processor` block of
+    `processor_config.json`, which is where transformers >= 5 saves them."""
     local = Path(resolved)
     if local.is_dir():
-        f = local / "preprocessor_config.json"
-        if not f.exists():
-            raise ModelLoadError(
-                f"model folder {resolved} has no preprocessor_config.json, so its image preprocessing is unknown",
-                hint="--clip-model with a folder saved by CLIPModel/AutoProcessor.save_pretrained",
-            )
-        return json.loads(f.read_text())
+        for name in PREPROCESSOR_FILES:
+            if (local / name).exists():
+                return _image_processor_block(local / name)
+        raise ModelLoadError(
+            f"model folder {resolved} has neither preprocessor_config.json nor processor_config.json, "
+            "so its image preprocessing is unknown",
+            hint="--clip-model with a folder saved by CLIPModel/AutoProcessor.save_pretrained",
+        )
     from transformers.utils import cached_file
 
-    try:
-        f = cached_file(resolved, "preprocessor_config.json", **_hf_kwargs(resolved))
-    except Exception as e:
-        raise _hub_error(resolved, e) from e
-    if f is None:
-        raise ModelLoadError(f"model {resolved!r} has no preprocessor_config.json", hint="--clip-model")
-    return json.loads(Path(f).read_text())
+    for name in PREPROCESSOR_FILES:
+        try:
+            f = cached_file(
+                resolved, name, **_hf_kwargs(resolved), _raise_exceptions_for_missing_entries=False
+            )
+        except Exception as e:
+            raise _hub_error(resolved, e) from e
+        if f is not None:
+            return _image_processor_block(Path(f))
+    raise ModelLoadError(f"model {resolved!r} has no preprocessor_config.json", hint="--clip-model")
+
+
+PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _image_processor_block(path: Path) -> dict[str, Any]:
+    cfg = json.loads(path.read_text())
+    if path.name == "processor_config.json":
+        if not isinstance(cfg.get("image_processor"), dict):
+            raise ModelLoadError(f"{path} has no image_processor settings", hint="--clip-model")
+        return cfg["image_processor"]
+    return cfg
 
 
 def _check_hf_source(name: str, resolved: str) -> None:

@@ -19,14 +19,13 @@ from clipsearch.index import build, family, rotation
 from clipsearch.index.config import IndexConfig, format_memory
 from clipsearch.index.plan import Plan, plan_candidates, train_points
 from clipsearch.index.readers import detect_input, load_queries, open_source
-from clipsearch.index.tune import tune
+from clipsearch.index.tune import N_FAR_QUERIES, far_queries, tune
 
 logger = logging.getLogger(__name__)
 
 # what an interrupted run of ours leaves behind; a folder holding only these is resumed
 RESUMABLE = {build.PARTS_DIR, "image.trained.index", "text.trained.index", "keywords"}
 N_SAME_QUERIES = 500
-N_FAR_QUERIES = 300
 
 
 def _check_output(folder: str) -> bool:
@@ -338,7 +337,7 @@ def _tuning_queries(sc, modalities, tuning_q, model: str | None) -> dict[str, di
         d = sc.queries[m].shape[1]
         # without text-like queries, random directions (nothing near them: the widest modality gap) tell
         # the budget rule which of two knobs far queries need (tune.py)
-        far = _random_directions(0 if len(cross) else N_FAR_QUERIES, d)
+        far = far_queries(0 if len(cross) else N_FAR_QUERIES, d)
         out[m] = {
             "cross": np.ascontiguousarray(cross, dtype=np.float32),
             "same": np.ascontiguousarray(same),
@@ -346,11 +345,6 @@ def _tuning_queries(sc, modalities, tuning_q, model: str | None) -> dict[str, di
             "cross_source": src,
         }
     return out
-
-
-def _random_directions(n: int, d: int) -> np.ndarray:
-    q = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
-    return np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
 
 
 def _prompt_queries(model: str | None, dim: int, n: int) -> tuple[np.ndarray, str]:

@@ -34,6 +34,7 @@ K = 10
 N_LATENCY = 40
 BUDGET_MARGIN = 0.85  # the budget rule spends at most this share of --max-index-query-time-ms
 PLATEAU = 0.002  # recall differences below this are noise (1000 queries x 10 neighbours)
+N_FAR_QUERIES = 300
 N_SAME_RECORD = 100  # image queries measured beside text-like or far ones, for index.json only
 FAR_PLATEAU = 0.02  # random directions' recall over 300 queries: about two standard errors
 
@@ -45,6 +46,12 @@ class Tuned:
     reason: str
     rule: str  # "min_recall" | "text_recall" | "budget"
     point: dict  # the chosen point of the curve: params, recalls, latency
+
+
+def far_queries(n: int, d: int) -> np.ndarray:
+    """n random unit directions (seeded): the budget rule's `far` queries where there are two knobs."""
+    q = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    return np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
 
 
 def recall_at_k(found: np.ndarray, gt: np.ndarray, k: int = K) -> float:

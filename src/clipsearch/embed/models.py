@@ -298,6 +298,9 @@ def _hub_error(name: str, e: BaseException) -> ModelLoadError:
     return ModelLoadError(f"could not load model {name!r}: {first}", hint="--clip-model")
 
 
+PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def _hf_preprocessor_config(resolved: str, model_type: str) -> dict[str, Any]:
     """The image processor's settings: `preprocessor_config.json`, or the `image_processor` block of
     `processor_config.json`, which is where transformers >= 5 saves them."""
@@ -322,10 +325,10 @@ def _hf_preprocessor_config(resolved: str, model_type: str) -> dict[str, Any]:
             raise _hub_error(resolved, e) from e
         if f is not None:
             return _image_processor_block(Path(f))
-    raise ModelLoadError(f"model {resolved!r} has no preprocessor_config.json", hint="--clip-model")
-
-
-PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+    raise ModelLoadError(
+        f"model {resolved!r} has neither preprocessor_config.json nor processor_config.json",
+        hint="--clip-model",
+    )
 
 
 def _image_processor_block(path: Path) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import numpy as np
 
 from clipsearch.index import rotation
 from clipsearch.index.plan import Plan, faiss_metric
+from clipsearch.index.tune import random_directions
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def choose(
             held = db[:EVAL_QUERIES]
         sets = {
             "held-out points": (_unit(held), BLIND_PROBE_SHARE),
-            "random directions": (_unit(rng.standard_normal((BLIND_RANDOM_QUERIES, d))), BLIND_PROBE_SHARE),
+            "random directions": (random_directions(BLIND_RANDOM_QUERIES, d, rng), BLIND_PROBE_SHARE),
         }
     est: dict[str, dict[str, float]] = {name: {} for name in sets}
     for p in plans:

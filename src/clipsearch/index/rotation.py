@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clipsearch.index.tune import random_directions
+
 logger = logging.getLogger(__name__)
 
 NAME = "pca-balanced"
@@ -170,9 +172,7 @@ def choose(factory: str, sample: np.ndarray, text_queries: np.ndarray | None = N
     if text_queries is not None and len(text_queries) >= 100:
         q, what_q = np.ascontiguousarray(text_queries[:EVAL_QUERIES], dtype=np.float32), "text-like queries"
     else:
-        q = rng.standard_normal((EVAL_QUERIES, d)).astype(np.float32)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        what_q = "random directions"
+        q, what_q = random_directions(EVAL_QUERIES, d, rng), "random directions"
     matrix = balanced_pca(db, sizes)
     est: dict[str, dict[str, float]] = {}
     for name, mat in (("none", None), (NAME, matrix)):

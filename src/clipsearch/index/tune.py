@@ -48,9 +48,10 @@ class Tuned:
     point: dict  # the chosen point of the curve: params, recalls, latency
 
 
-def far_queries(n: int, d: int) -> np.ndarray:
-    """n random unit directions (seeded): the budget rule's `far` queries where there are two knobs."""
-    q = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+def random_directions(n: int, d: int, rng: np.random.Generator | int = 0) -> np.ndarray:
+    """n random unit vectors: the widest modality gap, nothing near them. The budget rule's `far`
+    queries on a two-knob grid, and the stand-in queries of family.choose and rotation.choose."""
+    q = np.random.default_rng(rng).standard_normal((n, d)).astype(np.float32)
     return np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
 
 

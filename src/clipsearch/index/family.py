@@ -10,14 +10,20 @@ The planner offers two plans for a quantized index (index.plan.plan_candidates):
   and the first code take most of it and the second code spends its bytes on the rest, so its
   re-rank is more precise for the same bytes; but only the probed lists are looked at.
 
-Neither wins everywhere (docs/bench-index.md), so both are built at the scale of the sample: trained
-on sample points, filled with EVAL_DB of them, and searched, each at the operating point the tuner will
-buy within the query-time budget: RERANK_SHARE of the points re-ranked, and, with text-like queries,
-a quarter of the lists probed (where the text tuner's curve bends), without them all of them (the
-budget rule spends the budget). The residual family must win by MIN_GAIN; the flat family is the
-default (it also serves memory-mapped lists and per-request re-rank depths).
+Neither wins everywhere (docs/bench-index.md), so both are built small, trained on EVAL_DB sample points
+with short k-means, and searched at the operating point the tuner will buy within the query-time budget.
+The residual family must win by MIN_GAIN; the flat family is the default (it also serves memory-mapped
+lists and per-request re-rank depths).
 
-With text-like tuning queries (--tuning-queries, captions, --clip-model), they decide. Without, what
+With text-like tuning queries (--tuning-queries, captions, --clip-model), they decide, and the small
+indexes are filled with the **whole training sample**, so that neighbours lie as close together as in
+the full index: what limits both families is how precisely the re-rank codes order near-ties, and at
+12,000 points there are 16x fewer of them than at 200,000 (outliers-200k: flat family 0.90 estimated
+on 12k points, 0.86 built; filled with the 131k sample, 0.861). Lists are scaled to the filled size,
+a quarter of them probed (where the text tuner's curve bends), and both families re-rank
+FULL_K_FACTOR x 10 candidates, scaled by the filled share of the data (the depth both tuner grids reach).
+
+Without text-like queries, what
 decides between the families is how far text queries will lie from the images (the modality gap), and
 image vectors alone do not show it. So the two ends of that range are measured instead: held-out sample
 points (no gap) and random directions (the widest gap, nothing near). The residual family is taken only
@@ -25,6 +31,9 @@ where it wins at the near end by MIN_GAIN and loses at most BLIND_TOLERANCE at t
 holds whatever the gap turns out to be; text queries lie between the two. On the development draws of
 benchmarks/geometries.py this takes it on `steep` (small gap, most variance in few directions) and keeps
 the flat family on the four others, where random directions cost it 0.05-0.13 (docs/bench-index.md).
+This comparison stays at sample scale (EVAL_DB points, RERANK_SHARE of them re-ranked, all lists
+probed): filled to full density, random directions punish lists trained on a subsample far more than
+the full build's (outliers-200k: 0.70 estimated, 0.82 built), and the rule's tolerance was set here.
 """
 
 from __future__ import annotations
@@ -44,9 +53,11 @@ from clipsearch.index.tune import random_directions
 logger = logging.getLogger(__name__)
 
 MIN_GAIN = 0.01
-EVAL_DB = 12_000
+EVAL_DB = 12_000  # points the small indexes are trained on
+COARSE_POINTS_PER_LIST = 40  # coarse k-means points per list of the filled index (faiss asks for 39)
 EVAL_QUERIES = 400
-RERANK_SHARE = 0.05  # candidates re-ranked, as a share of the points searched
+FULL_K_FACTOR = 256  # with text-like queries: the re-rank depth both tuner grids reach, at full scale
+RERANK_SHARE = 0.05  # without: candidates re-ranked, as a share of the points searched
 PROBE_SHARE = 0.25  # lists probed by the residual family, with text-like queries (the tuner's knee)
 BLIND_PROBE_SHARE = 1.0  # without: the budget rule probes deep
 BLIND_RANDOM_QUERIES = 1000
@@ -74,17 +85,19 @@ def scaled_factory(factory: str, n_full: int, n_small: int) -> tuple[str, int]:
     return f"IVF{nl}" + factory[m.end() :], nl
 
 
-def build_small(factory: str, n_full: int, db: np.ndarray):
-    """The plan's index built over db (already rotated) with short k-means: (index, its list count)."""
+def build_small(factory: str, n_full: int, train: np.ndarray, fill: np.ndarray | None = None):
+    """The plan's index trained on train and filled with fill (default: train), both already rotated,
+    with short k-means and lists scaled to the filled size: (index, its list count)."""
     import faiss
 
     from clipsearch.index.build import configure_training
 
-    key, nlist = scaled_factory(factory, n_full, len(db))
-    index = faiss.index_factory(db.shape[1], key, faiss_metric(factory))
+    fill = train if fill is None else fill
+    key, nlist = scaled_factory(factory, n_full, len(fill))
+    index = faiss.index_factory(train.shape[1], key, faiss_metric(factory))
     configure_training(index)
     stack = [index]
-    while stack:  # short k-means: a comparison, not a build
+    while stack:  # short k-means on at most EVAL_DB points per codebook: a comparison, not a build
         idx = faiss.downcast_index(stack.pop())
         for attr in ("base_index", "refine_index"):
             if getattr(idx, attr, None) is not None:
@@ -93,17 +106,22 @@ def build_small(factory: str, n_full: int, db: np.ndarray):
             pq = getattr(idx, attr, None)
             if pq is not None:
                 pq.cp.niter = ITERATIONS
+                pq.cp.max_points_per_centroid = max(1, EVAL_DB // pq.ksub)
+                pq.cp.min_points_per_centroid = min(
+                    pq.cp.min_points_per_centroid, pq.cp.max_points_per_centroid
+                )
         if isinstance(idx, faiss.IndexIVF):
             idx.cp.niter = ITERATIONS
-    index.train(db)
-    index.add(db)
+    index.train(np.ascontiguousarray(train[: max(EVAL_DB, COARSE_POINTS_PER_LIST * nlist)]))
+    index.add(fill)
     return index, nlist
 
 
 def recall_at_operating_point(
-    index, nlist: int, q: np.ndarray, gt: np.ndarray, probe_share: float = PROBE_SHARE
+    index, nlist: int, q: np.ndarray, gt: np.ndarray, probe_share: float = PROBE_SHARE, k_factor: float = 0.0
 ) -> float:
-    """recall@10 with RERANK_SHARE of the points re-ranked and probe_share of the lists probed."""
+    """recall@10 with probe_share of the lists probed and k_factor x 10 candidates re-ranked (default:
+    RERANK_SHARE of the points)."""
     import faiss
 
     from clipsearch.index.tune import recall_at_k
@@ -111,7 +129,7 @@ def recall_at_operating_point(
     ps = faiss.ParameterSpace()
     if nlist:
         ps.set_index_parameter(index, "nprobe", max(1, int(nlist * probe_share)))
-    k_factor = max(1.0, RERANK_SHARE * index.ntotal / 10)
+    k_factor = max(1.0, k_factor or RERANK_SHARE * index.ntotal / 10)
     top = faiss.downcast_index(index)
     if isinstance(top, faiss.IndexRefine):
         ps.set_index_parameter(index, "k_factor_rf", k_factor)
@@ -134,6 +152,14 @@ def decide(gains: dict[str, float]) -> tuple[bool, str]:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+
+def _rotated(sample: np.ndarray, order: np.ndarray, m: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """sample[order] @ m.T as one float32 array, built a chunk at a time (no second copy of the sample)."""
+    out = np.empty((len(order), m.shape[0]), dtype=np.float32)
+    for i in range(0, len(order), chunk):
+        out[i : i + chunk] = sample[order[i : i + chunk]].astype(np.float32) @ m.T
+    return out
 
 
 def choose(
@@ -166,12 +192,20 @@ def choose(
     for p in plans:
         sizes = rotation.sub_vector_sizes(p.factory, d) or (1,)
         m = rotation.balanced_pca(db, sizes)
-        x = np.ascontiguousarray(db @ m.T)
-        index, nlist = build_small(p.factory, n_full, x)
+        if text:  # trained on the start of the shuffled sample, filled with all of it (module docstring)
+            x = _rotated(sample, perm, m)
+            index, nlist = build_small(p.factory, n_full, x)
+            k_factor = FULL_K_FACTOR * min(1.0, len(x) / n_full)
+        else:
+            x = np.ascontiguousarray(db @ m.T)
+            index, nlist = build_small(p.factory, n_full, x)
+            k_factor = 0.0
         for name, (q, share) in sets.items():
             qq = np.ascontiguousarray(q @ m.T)
             _, gt = faiss.knn(qq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
-            est[name][p.factory] = round(recall_at_operating_point(index, nlist, qq, gt, share), 4)
+            est[name][p.factory] = round(recall_at_operating_point(index, nlist, qq, gt, share, k_factor), 4)
+        searched = len(x)
+        del x, index
     first, second = plans[0], plans[1]
     gains = {name: e[second.factory] - e[first.factory] for name, e in est.items()}
     how = (
@@ -179,7 +213,7 @@ def choose(
             f"{name}: {first.factory} {e[first.factory]:.3f}, {second.factory} {e[second.factory]:.3f}"
             for name, e in est.items()
         )
-        + f" (recall@10 over {len(db)} sample points, {time.perf_counter() - t0:.0f} s)"
+        + f" (recall@10 over {searched} sample points, {time.perf_counter() - t0:.0f} s)"
     )
     ok, why = decide(gains)
     plan = second if ok else first

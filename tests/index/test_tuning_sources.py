@@ -213,3 +213,38 @@ def test_blind_residual_index_records_the_far_queries(tmp_path):
     index = read_index(os.path.join(out, "image.index"))
     apply_search_params(index, image["search_params"])
     assert text_recall(index, img, np.ascontiguousarray(txt[::40])) >= 0.8
+
+
+def test_ladders_stop_at_the_first_point_over_the_budget(monkeypatch):
+    """Points slower than the budget cannot be chosen (unless --min-recall asks for a recall the budget
+    does not reach), so they are not measured: on a residual grid they were the most expensive ones."""
+    from clipsearch.index import tune as tune_mod
+
+    ladders = [[{"nprobe": n, "k_factor": kf} for n in (16, 32, 64, 128, 256)] for kf in (16, 64)]
+    measured = []
+
+    def fake_measure(index, params, queries, gt):
+        measured.append(params)
+        ms = params["nprobe"] * params["k_factor"] / 200  # kf 16: 1.3 .. 20 ms; kf 64: 5 .. 80 ms
+        return {"params": params, "latency_ms": ms, "recall_at_10_text": 0.5 + params["nprobe"] / 1000}
+
+    monkeypatch.setattr(tune_mod, "_grid", lambda index, kind: ladders)
+    monkeypatch.setattr(tune_mod, "_measure", fake_measure)
+    monkeypatch.setattr(tune_mod, "apply_search_params", lambda index, params: None)
+    q = {"cross": np.zeros((10, 4), np.float32), "same": np.zeros((10, 4), np.float32)}
+    gt = {"cross": np.zeros((10, 10), np.int64), "same": np.zeros((10, 10), np.int64)}
+    tuned = tune_mod.tune(None, "pqr", q, gt, max_query_ms=10.0, min_recall=None)
+    assert tuned.search_params == {"nprobe": 64, "k_factor": 16}  # 5.1 ms; nprobe 128 is 10.2 ms
+    # each ladder ends at its first point over 10 ms: kf 16 at nprobe 128, kf 64 at nprobe 32
+    assert [(p["nprobe"], p["k_factor"]) for p in measured] == [
+        (16, 16),
+        (32, 16),
+        (64, 16),
+        (128, 16),
+        (16, 64),
+        (32, 64),
+    ]
+    measured.clear()
+    tuned = tune_mod.tune(None, "pqr", q, gt, max_query_ms=10.0, min_recall=0.7)
+    assert (256, 16) in [(p["nprobe"], p["k_factor"]) for p in measured]  # 20.5 ms: within 3x the budget
+    assert tuned.search_params == {"nprobe": 256, "k_factor": 16}

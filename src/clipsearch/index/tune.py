@@ -165,7 +165,9 @@ def tune(
             r = _objective(point)
             stale = stale + 1 if r <= best + PLATEAU else 0
             best = max(best, r)
-            if point["latency_ms"] > max_query_ms if spend else point["latency_ms"] > 3 * max_query_ms:
+            # no point over the budget can be chosen, so a ladder stops at its first one (with
+            # --min-recall the cheapest point reaching it wins, which may lie beyond: up to 3x)
+            if point["latency_ms"] > (max_query_ms if min_recall is None else 3 * max_query_ms):
                 break
             if not spend and (stale >= 3 or (min_recall is None and r >= 0.999)):
                 break

@@ -248,3 +248,44 @@ def test_ladders_stop_at_the_first_point_over_the_budget(monkeypatch):
     tuned = tune_mod.tune(None, "pqr", q, gt, max_query_ms=10.0, min_recall=0.7)
     assert (256, 16) in [(p["nprobe"], p["k_factor"]) for p in measured]  # 20.5 ms: within 3x the budget
     assert tuned.search_params == {"nprobe": 256, "k_factor": 16}
+
+
+def test_points_near_the_best_are_measured_again_on_all_text_queries(monkeypatch):
+    """Every point is measured on the first N_QUICK text-like queries; those that can still be chosen
+    (within the budget, within QUICK_MARGIN of the best) again on all of them, and those figures decide."""
+    from clipsearch.index import tune as tune_mod
+
+    quick_recall = {16: 0.70, 32: 0.84, 64: 0.85, 128: 0.95}  # 128 is over the budget
+    full_recall = {16: 0.7, 32: 0.9, 64: 0.8}
+    n = 600
+
+    class FakeIndex:
+        nprobe = 0
+
+        def search(self, q, k):
+            assert len(q) == n  # only the second measurement goes through here
+            hits = round(full_recall[self.nprobe] * 10)
+            ids = np.arange(len(q) * 10).reshape(len(q), 10)
+            ids[:, hits:] = -1
+            return None, ids
+
+    def fake_measure(index, params, queries, gt):
+        assert len(queries["cross"]) == tune_mod.N_QUICK
+        npb = params["nprobe"]
+        return {"params": params, "latency_ms": npb / 10, "recall_at_10_text": quick_recall[npb]}
+
+    def fake_apply(index, params):
+        index.nprobe = params["nprobe"]
+
+    ladders = [[{"nprobe": p, "k_factor": 16} for p in (16, 32, 64, 128)]]
+    monkeypatch.setattr(tune_mod, "_grid", lambda index, kind: ladders)
+    monkeypatch.setattr(tune_mod, "_measure", fake_measure)
+    monkeypatch.setattr(tune_mod, "apply_search_params", fake_apply)
+    q = {"cross": np.zeros((n, 4), np.float32)}
+    gt = {"cross": np.arange(n * 10).reshape(n, 10)}
+    tuned = tune_mod.tune(FakeIndex(), "pqr", q, gt, max_query_ms=10.0, min_recall=None)
+    by_probe = {p["params"]["nprobe"]: p for p in tuned.curve}
+    assert tuned.search_params["nprobe"] == 32  # on 250 queries nprobe 64 looked best
+    assert by_probe[32]["recall_at_10_text"] == 0.9 and by_probe[32]["text_queries"] == n
+    assert by_probe[16]["recall_at_10_text"] == 0.7 and by_probe[16]["text_queries"] == tune_mod.N_QUICK
+    assert by_probe[128]["text_queries"] == tune_mod.N_QUICK  # over the budget: never chosen

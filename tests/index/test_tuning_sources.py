@@ -215,6 +215,26 @@ def test_blind_residual_index_records_the_far_queries(tmp_path):
     assert text_recall(index, img, np.ascontiguousarray(txt[::40])) >= 0.8
 
 
+def test_compaction_retunes_a_blind_residual_index_with_far_queries(tmp_path):
+    """A compaction that retrains a residual index built without text-like queries tunes it again by the
+    build's own rule, random directions included (without them the slowest point within the budget won)."""
+    from clipsearch.segments.append import append_segment
+    from clipsearch.segments.compact import CompactConfig, compact
+
+    img, _ = clip_like(8000, 32, seed=9, n_clusters=100)
+    for name, rows in (("npy", img[:6000]), ("new", img[6000:])):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "a.npy", rows)
+    out = str(tmp_path / "index")
+    build_index(cfg(str(tmp_path / "npy"), out, index_key="IVF32,PQ8+16"))
+    append_segment(cfg(str(tmp_path / "new"), out))
+    report = compact(CompactConfig(out, all_segments=True, force_retrain=True, nb_cores=1))
+    assert "image" in report["retrained"]
+    with open(os.path.join(out, "segments", report["segment"], "index.json")) as f:
+        curve = json.load(f)["indices"]["image"]["curve"]
+    assert curve and all(0 <= p["recall_at_10_far"] <= 1 for p in curve)
+
+
 def test_ladders_stop_at_the_first_point_over_the_budget(monkeypatch):
     """Points slower than the budget cannot be chosen (unless --min-recall asks for a recall the budget
     does not reach), so they are not measured: on a residual grid they were the most expensive ones."""

@@ -192,14 +192,10 @@ def choose(
     for p in plans:
         sizes = rotation.sub_vector_sizes(p.factory, d) or (1,)
         m = rotation.balanced_pca(db, sizes)
-        if text:  # trained on the start of the shuffled sample, filled with all of it (module docstring)
-            x = _rotated(sample, perm, m)
-            index, nlist = build_small(p.factory, n_full, x)
-            k_factor = FULL_K_FACTOR * min(1.0, len(x) / n_full)
-        else:
-            x = np.ascontiguousarray(db @ m.T)
-            index, nlist = build_small(p.factory, n_full, x)
-            k_factor = 0.0
+        # with text-like queries: trained on the start of the shuffled sample, filled with all of it
+        x = _rotated(sample, perm, m) if text else np.ascontiguousarray(db @ m.T)
+        index, nlist = build_small(p.factory, n_full, x)
+        k_factor = FULL_K_FACTOR * min(1.0, len(x) / n_full) if text else 0.0
         for name, (q, share) in sets.items():
             qq = np.ascontiguousarray(q @ m.T)
             _, gt = faiss.knn(qq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)

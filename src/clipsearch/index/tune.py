@@ -214,9 +214,10 @@ def _measure_again(
     others keep their N_QUICK-query figure, and every point records how many queries it is over."""
     ok = [p for p in curve if min_recall is not None or p["latency_ms"] <= max_query_ms] or curve
     bar = (min_recall if min_recall is not None else max(_objective(p) for p in ok)) - QUICK_MARGIN
+    candidates = {id(p) for p in ok if _objective(p) >= bar}
     for p in curve:
         p["text_queries"] = N_QUICK
-        if p in ok and _objective(p) >= bar:
+        if id(p) in candidates:
             apply_search_params(index, p["params"])
             _, ids = index.search(q, K)
             p["recall_at_10_text"] = round(recall_at_k(ids, gt), 4)

@@ -19,7 +19,7 @@ from clipsearch.index import build, family, rotation
 from clipsearch.index.config import IndexConfig, format_memory
 from clipsearch.index.plan import Plan, plan_candidates, train_points
 from clipsearch.index.readers import detect_input, load_queries, open_source
-from clipsearch.index.tune import N_FAR_QUERIES, random_directions, tune
+from clipsearch.index.tune import far_queries, tune
 
 logger = logging.getLogger(__name__)
 
@@ -334,14 +334,10 @@ def _tuning_queries(sc, modalities, tuning_q, model: str | None) -> dict[str, di
         else:
             cross, src = _prompt_queries(model, sc.queries[m].shape[1], len(sc.queries[m]))
         same = sc.queries[m][:N_SAME_QUERIES] if len(cross) else sc.queries[m]
-        d = sc.queries[m].shape[1]
-        # without text-like queries, random directions (nothing near them: the widest modality gap) tell
-        # the budget rule which of two knobs far queries need (tune.py)
-        far = random_directions(0 if len(cross) else N_FAR_QUERIES, d)
         out[m] = {
             "cross": np.ascontiguousarray(cross, dtype=np.float32),
             "same": np.ascontiguousarray(same),
-            "far": far,
+            "far": far_queries(len(cross), sc.queries[m].shape[1]),
             "cross_source": src,
         }
     return out

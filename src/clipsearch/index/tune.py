@@ -63,6 +63,12 @@ def random_directions(n: int, d: int, rng: np.random.Generator | int = 0) -> np.
     return np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
 
 
+def far_queries(n_cross: int, d: int, seed: int = 0) -> np.ndarray:
+    """The `far` queries a caller measures exact neighbours for: N_FAR_QUERIES random directions when
+    there are no text-like queries (the budget rule needs them on a two-knob grid), none otherwise."""
+    return random_directions(0 if n_cross else N_FAR_QUERIES, d, seed)
+
+
 def recall_at_k(found: np.ndarray, gt: np.ndarray, k: int = K) -> float:
     if len(gt) == 0:
         return float("nan")
@@ -78,15 +84,18 @@ def _measure(index, params: dict, queries: dict[str, np.ndarray], gt: dict[str, 
     point: dict = {"params": dict(params)}
     for name, key in (("same", "recall_at_10"), ("cross", "recall_at_10_text"), ("far", "recall_at_10_far")):
         q = queries.get(name)
-        if q is None or not len(q):
-            continue
-        _, ids = index.search(q, K)
-        point[key] = round(recall_at_k(ids, gt[name]), 4)
+        if q is not None and len(q):
+            point[key] = _recall(index, q, gt[name])
     lat_q = (
         queries["cross"] if queries.get("cross") is not None and len(queries["cross"]) else queries["same"]
     )
     point["latency_ms"] = single_query_ms(index, lat_q[:N_LATENCY])
     return point
+
+
+def _recall(index, q: np.ndarray, gt: np.ndarray) -> float:
+    _, ids = index.search(q, K)
+    return round(recall_at_k(ids, gt), 4)
 
 
 def single_query_ms(index, q: np.ndarray) -> float:
@@ -163,14 +172,9 @@ def tune(
     far = spend and len(grid) > 1 and queries.get("far") is not None and len(queries["far"]) > 0
     if (far or has_cross) and queries.get("same") is not None:
         # text-like or far queries decide: a few image queries are kept for the record
-        queries = {**queries, "same": queries["same"][:N_SAME_RECORD]}
-        gt = {**gt, "same": gt["same"][:N_SAME_RECORD]}
+        queries, gt = _head(queries, gt, "same", N_SAME_RECORD)
     quick = has_cross and len(queries["cross"]) >= 2 * N_QUICK
-    first = (
-        ({**queries, "cross": queries["cross"][:N_QUICK]}, {**gt, "cross": gt["cross"][:N_QUICK]})
-        if quick
-        else (queries, gt)
-    )
+    first = _head(queries, gt, "cross", N_QUICK) if quick else (queries, gt)
     for ladder in grid:
         best, stale = -1.0, 0
         for params in ladder:
@@ -207,6 +211,11 @@ def tune(
     return Tuned(dict(chosen["params"]), curve, reason, rule, chosen)
 
 
+def _head(queries: dict, gt: dict, name: str, n: int) -> tuple[dict, dict]:
+    """queries and gt with only the first n of one set."""
+    return {**queries, name: queries[name][:n]}, {**gt, name: gt[name][:n]}
+
+
 def _measure_again(
     index, curve: list[dict], q: np.ndarray, gt: np.ndarray, max_query_ms: float, min_recall: float | None
 ) -> None:
@@ -219,8 +228,7 @@ def _measure_again(
         p["text_queries"] = N_QUICK
         if id(p) in candidates:
             apply_search_params(index, p["params"])
-            _, ids = index.search(q, K)
-            p["recall_at_10_text"] = round(recall_at_k(ids, gt), 4)
+            p["recall_at_10_text"] = _recall(index, q, gt)
             p["text_queries"] = len(q)
 
 

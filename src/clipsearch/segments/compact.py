@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from clipsearch.errors import ConfigError, IndexBuildError
 from clipsearch.index.build import apply_search_params, faiss_mod, train_index
-from clipsearch.index.tune import N_FAR_QUERIES, random_directions, recall_at_k, tune
+from clipsearch.index.tune import far_queries, recall_at_k, tune
 from clipsearch.segments import build, layout
 from clipsearch.segments.append import _write_json
 
@@ -361,8 +361,7 @@ def _build_merged(cfg, folder, info, manifest, run, dead_local, mods, d, n_live,
         qs[(m, "cross")] = (
             sampler.cat(sampler.queries, other[0], d) if other else np.zeros((0, d), np.float32)
         )
-        # no text-like queries: the budget rule needs far ones on a two-knob grid, as at build (tune.py)
-        qs[(m, "far")] = random_directions(0 if len(qs[(m, "cross")]) else N_FAR_QUERIES, d, cfg.seed)
+        qs[(m, "far")] = far_queries(len(qs[(m, "cross")]), d, cfg.seed)  # as at build (tune.py)
     timings["sample_s"] = time.perf_counter() - t0
     # pass 2: fill with the current quantizer, exact top-K alongside
     t0 = time.perf_counter()

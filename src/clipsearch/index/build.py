@@ -145,12 +145,14 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: s
     """Train the planned factory on the sample and write it (empty) to path. With `rotation`
     (rotation.NAME), the balanced PCA rotation is fitted on the sample and put in front of the index
     (an IndexPreTransform), and the index trains on rotated vectors."""
+    from clipsearch.index import codebooks
     from clipsearch.index import rotation as rot
     from clipsearch.index.plan import faiss_metric
 
     faiss = faiss_mod()
     index = faiss.index_factory(d, factory, faiss_metric(factory))
     configure_training(index)
+    codebooks.defer(index)
     if len(sample) < 1 and (rotation or not index.is_trained):
         raise IndexBuildError("no valid vector to train on")
     x = np.ascontiguousarray(sample, dtype=np.float32)
@@ -164,6 +166,7 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: s
     if not index.is_trained:
         t0 = time.perf_counter()
         index.train(x)
+        codebooks.train_deferred(index, x)
         logger.info("trained %s on %d vectors in %.1f s", factory, len(x), time.perf_counter() - t0)
     if lt is not None:
         index = faiss.IndexPreTransform(lt, index)  # the python objects stay alive until written
@@ -190,7 +193,8 @@ def apply_chain(chain: list, x: np.ndarray) -> np.ndarray:
 # `PQ{d/2}x8/x9/x10` re-rank codes): each sub-quantizer trains on 65,536 points for 25 iterations
 # (256 / 128 / 64 points per centroid). Measured on 200k CLIP-like vectors, PQ256x8 behind PQ128x4fs
 # at k_factor 512: text-query recall@10 0.835 in 42 s, against 0.829 in 45 s with the 12,288 points and
-# 12 iterations used before (docs/bench-index.md, session 4).
+# 12 iterations used before (docs/bench-index.md, session 4). The 2-d ones no longer train in faiss:
+# `codebooks` starts them from a Gaussian codebook instead, which is better and faster.
 WIDE_PQ_POINTS_PER_CENTROID = 24  # the floor, for codes of more than 11 bits
 WIDE_PQ_SAMPLE = 65_536  # points per sub-quantizer
 WIDE_PQ_ITERATIONS = 25

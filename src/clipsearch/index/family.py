@@ -90,6 +90,7 @@ def build_small(factory: str, n_full: int, train: np.ndarray, fill: np.ndarray |
     with short k-means and lists scaled to the filled size: (index, its list count)."""
     import faiss
 
+    from clipsearch.index import codebooks
     from clipsearch.index.build import configure_training
 
     fill = train if fill is None else fill
@@ -112,7 +113,10 @@ def build_small(factory: str, n_full: int, train: np.ndarray, fill: np.ndarray |
                 )
         if isinstance(idx, faiss.IndexIVF):
             idx.cp.niter = ITERATIONS
-    index.train(np.ascontiguousarray(train[: max(EVAL_DB, COARSE_POINTS_PER_LIST * nlist)]))
+    codebooks.defer(index)
+    x = np.ascontiguousarray(train[: max(EVAL_DB, COARSE_POINTS_PER_LIST * nlist)])
+    index.train(x)
+    codebooks.train_deferred(index, x[:EVAL_DB])
     index.add(fill)
     return index, nlist
 

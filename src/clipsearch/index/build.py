@@ -152,7 +152,6 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: s
     faiss = faiss_mod()
     index = faiss.index_factory(d, factory, faiss_metric(factory))
     configure_training(index)
-    codebooks.defer(index)
     if len(sample) < 1 and (rotation or not index.is_trained):
         raise IndexBuildError("no valid vector to train on")
     x = np.ascontiguousarray(sample, dtype=np.float32)
@@ -165,8 +164,7 @@ def train_index(factory: str, d: int, sample: np.ndarray, path: str, rotation: s
         x = np.ascontiguousarray(x @ matrix.T)
     if not index.is_trained:
         t0 = time.perf_counter()
-        index.train(x)
-        codebooks.train_deferred(index, x)
+        codebooks.train(index, x)
         logger.info("trained %s on %d vectors in %.1f s", factory, len(x), time.perf_counter() - t0)
     if lt is not None:
         index = faiss.IndexPreTransform(lt, index)  # the python objects stay alive until written

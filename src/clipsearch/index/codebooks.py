@@ -8,12 +8,12 @@ is far from the optimum and 25 Lloyd iterations do not get there. After the bala
 through the sub-vector's own mean and covariance, is already a better codebook than faiss's trained
 one, and a few Lloyd iterations from there adapt it to the real shape.
 
-Measured on the second residual of outliers-200k (PQ256x8, 65,536 training points): mean squared error
-0.000752 with faiss's training (25 iterations, 21 s), 0.000705 from the Gaussian start alone, 0.000675
-after 5 iterations (5 s); text-query recall@10 of the built index rises with it (docs/bench-index.md).
+Measured on the second residual of outliers-200k (PQ256x8): mean squared error 0.00083 with faiss's
+training inside the index (about 20 s), about 0.0007 from the Gaussian start and 5 iterations (5-12 s);
+text-query recall@10 of the built index 0.916 -> 0.925 (docs/bench-index.md, session 10).
 
-faiss's own training of these quantizers is switched off (`defer`, no iterations) and replaced after
-`index.train` (`train_deferred`), on the same input each level would have seen.
+`train(index, x)` is `index.train(x)` with faiss's own k-means for these quantizers switched off (no
+iterations) and replaced afterwards, on the same input each level would have seen.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import time
 
 import numpy as np
 
+from clipsearch.index.build import faiss_mod, typed
+
 logger = logging.getLogger(__name__)
 
 LLOYD_ITERATIONS = 5
 MAX_POINTS = 131_072  # training points per sub-quantizer (every point is a 2-d pair: cheap)
-SHIPPED = os.path.join(
-    os.path.dirname(__file__), "gauss2d.npz"
-)  # made by `python -m clipsearch.index.codebooks`
+# made by `python -m clipsearch.index.codebooks`
+SHIPPED = os.path.join(os.path.dirname(__file__), "gauss2d.npz")
 # the shipped codebooks: Lloyd in 2-d converges slowly, so they take minutes to make (with 256 points per
 # centroid and 50 iterations, the 256-centroid codebook's error on the normal is 0.01666; shipped: 0.0155)
 MAKE_POINTS_PER_CENTROID = 4096
@@ -41,15 +42,9 @@ QUICK_POINTS_PER_CENTROID = 1024
 QUICK_ITERATIONS = 100
 
 
-def _faiss():
-    import faiss
-
-    return faiss
-
-
 def make_gaussian_codebook(k: int, points_per_centroid: int, iterations: int) -> np.ndarray:
     """(k, 2) k-means centroids of the standard 2-d normal (deterministic)."""
-    faiss = _faiss()
+    faiss = faiss_mod()
     g = np.random.default_rng(0).standard_normal((points_per_centroid * k, 2)).astype(np.float32)
     km = faiss.Kmeans(2, k, niter=iterations, max_points_per_centroid=points_per_centroid, seed=0)
     km.train(g)
@@ -74,12 +69,11 @@ def is_2d(pq) -> bool:
 def train_2d_pq(pq, x: np.ndarray, niter: int = LLOYD_ITERATIONS, seed: int = 0) -> None:
     """Train a 2-d ProductQuantizer in place: per sub-vector, the Gaussian codebook mapped through the
     sub-vector's mean and covariance, then `niter` Lloyd iterations on up to MAX_POINTS points."""
-    faiss = _faiss()
+    faiss = faiss_mod()
     if not is_2d(pq):
         raise ValueError(f"train_2d_pq needs 2-d sub-vectors, got {pq.dsub}")
     x = np.asarray(x, dtype=np.float32)
-    if len(x) > MAX_POINTS:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), MAX_POINTS, replace=False))]
+    x = _at_most(x, MAX_POINTS, seed)
     canon = gaussian_codebook(pq.ksub)
     out = np.empty((pq.M, pq.ksub, 2), dtype=np.float32)
     for m in range(pq.M):
@@ -103,20 +97,22 @@ def train_2d_pq(pq, x: np.ndarray, niter: int = LLOYD_ITERATIONS, seed: int = 0)
     faiss.copy_array_to_vector(out.ravel(), pq.centroids)
 
 
-def _typed(index):
-    faiss = _faiss()
-    return faiss.downcast_index(index) if type(index) is faiss.Index else index
+def _at_most(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """x, or n of its rows drawn at random (in order), as contiguous float32."""
+    if len(x) > n:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _deferred(index) -> list[tuple[str, object]]:
     """The 2-d PQs of an index tree with how their input is derived from the index's input:
     ("raw", pq) for a refine IndexPQ (IndexRefine trains it on the vectors themselves), ("pqr", pq)
     for IndexIVFPQR's second level (trained on what the coarse centroid and first PQ leave)."""
-    faiss = _faiss()
-    idx = _typed(index)
+    faiss = faiss_mod()
+    idx = typed(index)
     out = []
     if isinstance(idx, faiss.IndexRefine):
-        ref = _typed(idx.refine_index)
+        ref = typed(idx.refine_index)
         if isinstance(ref, faiss.IndexPQ) and is_2d(ref.pq):
             out.append(("raw", ref.pq))
     if isinstance(idx, faiss.IndexIVFPQR) and is_2d(idx.refine_pq):
@@ -124,34 +120,28 @@ def _deferred(index) -> list[tuple[str, object]]:
     return out
 
 
-def defer(index) -> None:
-    """Switch off faiss's own k-means for the index's 2-d PQs (call before `index.train`)."""
-    for _, pq in _deferred(index):
-        pq.cp.niter = 0
-
-
-def train_deferred(index, x: np.ndarray) -> None:
-    """After `index.train(x)`: train the index's 2-d PQs from the Gaussian start on their own input
-    (x, in the index's own coordinates, i.e. after any rotation)."""
-    faiss = _faiss()
-    idx = _typed(index)
-    for where, pq in _deferred(idx):
+def train(index, x: np.ndarray, codebook_points: int | None = None) -> None:
+    """`index.train(x)`, its 2-d PQs trained from the Gaussian start on their own input (derived from
+    the first codebook_points rows of x, default all; x in the index's own coordinates, i.e. after any
+    rotation)."""
+    faiss = faiss_mod()
+    idx = typed(index)
+    deferred = _deferred(idx)
+    for _, pq in deferred:
+        pq.cp.niter = 0  # faiss's k-means: only its random start is left, replaced below
+    index.train(x)
+    x = _at_most(x[:codebook_points] if codebook_points else x, MAX_POINTS)
+    for where, pq in deferred:
         t0 = time.perf_counter()
         if where == "raw":
             train_2d_pq(pq, x)
         else:
-            ivf = idx
-            sub = x
-            if len(sub) > MAX_POINTS:
-                sub = sub[np.sort(np.random.default_rng(0).choice(len(sub), MAX_POINTS, replace=False))]
-            sub = np.ascontiguousarray(sub, dtype=np.float32)
-            _, assign = ivf.quantizer.search(sub, 1)
-            r1 = np.empty_like(sub)
-            ivf.quantizer.compute_residual_n(
-                len(sub), faiss.swig_ptr(sub), faiss.swig_ptr(r1), faiss.swig_ptr(assign)
+            _, assign = idx.quantizer.search(x, 1)
+            r1 = np.empty_like(x)
+            idx.quantizer.compute_residual_n(
+                len(x), faiss.swig_ptr(x), faiss.swig_ptr(r1), faiss.swig_ptr(assign)
             )
-            r2 = r1 - ivf.pq.decode(ivf.pq.compute_codes(r1))
-            train_2d_pq(pq, r2)
+            train_2d_pq(pq, r1 - idx.pq.decode(idx.pq.compute_codes(r1)))
         logger.info(
             "trained PQ%dx%d codebooks from a Gaussian start in %.1f s",
             pq.M,
@@ -161,7 +151,7 @@ def train_deferred(index, x: np.ndarray) -> None:
 
 
 if __name__ == "__main__":  # regenerate the shipped codebooks
-    _faiss().omp_set_num_threads(os.cpu_count() or 1)
+    faiss_mod().omp_set_num_threads(os.cpu_count() or 1)
     books = {}
     for k in (256, 512, 1024):
         t0 = time.perf_counter()

@@ -113,10 +113,8 @@ def build_small(factory: str, n_full: int, train: np.ndarray, fill: np.ndarray |
                 )
         if isinstance(idx, faiss.IndexIVF):
             idx.cp.niter = ITERATIONS
-    codebooks.defer(index)
     x = np.ascontiguousarray(train[: max(EVAL_DB, COARSE_POINTS_PER_LIST * nlist)])
-    index.train(x)
-    codebooks.train_deferred(index, x[:EVAL_DB])
+    codebooks.train(index, x, codebook_points=EVAL_DB)
     index.add(fill)
     return index, nlist
 

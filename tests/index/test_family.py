@@ -11,8 +11,8 @@ import faiss
 import numpy as np
 import pytest
 
-from clipsearch.index import IndexConfig, build_index, family
-from clipsearch.index.plan import plan_candidates, residual_plan
+from clipsearch.index import IndexConfig, build_index, family, tune
+from clipsearch.index.plan import full_scan_residual_plan, plan_candidates, residual_plan
 from clipsearch.search.live import open_index
 from clipsearch.segments import layout
 from clipsearch.segments.append import append_segment
@@ -25,8 +25,8 @@ from .conftest import make_embeddings_folder
 def test_residual_candidate_fits_the_budget_and_is_never_memory_mappable():
     n, d, budget = 200_000, 512, 64 << 20
     cands = plan_candidates(n, d, budget)
-    assert [p.kind for p in cands] == ["other", "pqr"]
-    pqr = cands[1]
+    assert [p.kind for p in cands] == ["other", "pqr", "pqr"]
+    pqr = cands[2]
     assert pqr.factory == "IVF2048,PQ32+256" and pqr.memory_bytes <= budget
     # a tighter budget trades the re-rank level's precision down, then nothing fits
     assert residual_plan(n, d, 48 << 20).factory.endswith("+128")
@@ -136,3 +136,77 @@ def test_blind_rule_wants_a_win_near_and_no_loss_far(gains, taken):
     ok, why = family.decide(gains)
     assert ok is taken
     assert all(name in why for name in gains)
+
+
+def test_full_scan_residual_candidate_where_its_scan_fits_the_budget():
+    n, d = 200_000, 512
+    full = full_scan_residual_plan(n, d, 64 << 20)
+    assert full.factory == "IVF1,PQ64+256" and full.kind == "pqr"
+    # the lists' ids (8 bytes a vector) leave no room for the 1 MiB rotation at 64 MiB
+    assert full.memory_bytes <= 64 << 20 and not full.rotation_fits and "no room" in full.reason
+    assert full_scan_residual_plan(n, d, 96 << 20).rotation_fits
+    assert full_scan_residual_plan(n, d, 48 << 20) is None  # does not fit
+    assert full_scan_residual_plan(1_000_000, d, 1 << 30) is None  # a ~16 ms scan: over half of 10 ms
+    assert full_scan_residual_plan(1_000_000, d, 1 << 30, max_query_ms=40.0) is not None
+    assert full_scan_residual_plan(n, d, 96 << 20, mmap=True) is None
+    assert family.scaled_factory(full.factory, n, 12_000) == (full.factory, 1)  # one list stays one
+
+
+def test_a_plan_without_room_for_the_rotation_is_not_rotated(tmp_path):
+    from dataclasses import replace
+
+    from clipsearch.index.runner import _rotation
+
+    from .test_rotation import anisotropic
+
+    x, q = anisotropic(6000, 64, seed=1, decay=2.0)
+    cfg = IndexConfig(str(tmp_path / "emb"), str(tmp_path / "out"))
+    plan = full_scan_residual_plan(200_000, 64, 64 << 20)
+    assert _rotation(cfg, plan, x, q).rotation == "pca-balanced"  # steep data: rotated where it fits
+    choice = _rotation(cfg, replace(plan, rotation_fits=False), x, q)
+    assert choice.rotation is None and "no room" in choice.reason
+
+
+def test_the_full_scan_candidate_is_measured_beside_the_others(monkeypatch):
+    from clipsearch.index.plan import Plan
+
+    from .test_rotation import anisotropic
+
+    monkeypatch.setattr(family, "EVAL_DB", 5000)
+    flat = Plan("PQ16x4fs,Refine(PQ32x8)", "other", "", 0)
+    full, pqr = full_scan_residual_plan(200_000, 64, 64 << 20), residual_plan(200_000, 64, 64 << 20)
+    x, _ = anisotropic(6000, 64, seed=1, decay=2.0)
+    blind = family.choose([flat, full, pqr], 200_000, x, None)
+    for name in ("held-out points", "random directions"):
+        assert set(blind.estimates[name]) == {flat.factory, full.factory, pqr.factory}
+    # on a steep spectrum both residual plans beat the flat family; the one finding the most near is taken
+    near = blind.estimates["held-out points"]
+    assert blind.plan in (full, pqr) and near[blind.plan.factory] == max(
+        near[full.factory], near[pqr.factory]
+    )
+    assert full.factory in blind.reason and pqr.factory in blind.reason
+
+
+def test_a_full_scan_residual_index_tunes_its_re_rank_depth_alone(tmp_path):
+    data = make_embeddings_folder(str(tmp_path / "emb"), [3000], d=32, seed=3)
+    info = build_index(
+        IndexConfig(
+            str(tmp_path / "emb"),
+            str(tmp_path / "index"),
+            index_key="IVF1,PQ4+16",
+            nb_cores=1,
+            progress=False,
+            n_tuning_queries=200,
+        )
+    )
+    image = info["indices"]["image"]
+    # one list scanned whole: a single ladder of re-rank depths, not a probe x depth grid
+    assert {p["params"]["nprobe"] for p in image["curve"]} == {1}
+    depths = [p["params"]["k_factor"] for p in image["curve"]]
+    assert depths == sorted(depths) and depths[0] == 8 and len(depths) >= 2
+    ladders = tune._grid(faiss.read_index(os.path.join(str(tmp_path / "index"), image["file"])), "pqr")
+    assert len(ladders) == 1 and [p["k_factor"] for p in ladders[0]] == [8, 16, 32, 64, 128, 256, 512]
+    q = data["text"][::20]
+    res = open_index(str(tmp_path / "index")).search(q, 10)
+    _, gt = faiss.knn(q, data["image"], 10, metric=faiss.METRIC_INNER_PRODUCT)
+    assert _recall(res.ids, gt) >= 0.8

@@ -1,6 +1,6 @@
 """Which code family serves the data, measured on the training sample.
 
-The planner offers two plans for a quantized index (index.plan.plan_candidates):
+The planner offers up to three plans for a quantized index (index.plan.plan_candidates):
 
 - the flat fast-scan family, `PQ{d/4}x4fs,Refine(PQ{d/2}x8)` and its IVF variants: every vector's
   4-bit code is scanned, the best candidates re-ranked with finer codes. It ranks queries that lie far
@@ -8,12 +8,17 @@ The planner offers two plans for a quantized index (index.plan.plan_candidates):
 - the two-level residual family, `IVF{nlist},PQ{m1}+{m2}` (faiss's IVFPQR): a coarse centroid, a code of
   the residual, then a code of what is left. Where the variance sits in few directions, the centroid
   and the first code take most of it and the second code spends its bytes on the rest, so its
-  re-rank is more precise for the same bytes; but only the probed lists are looked at.
+  re-rank is more precise for the same bytes; but only the probed lists are looked at;
+- where its scan fits the query-time budget, the same two-level code with one list, `IVF1,PQ{d/8}+{d/2}`:
+  every vector's first code is scanned, as in the flat family, and the re-rank codes hold what the
+  first code missed, as in the residual family. It costs the lists' ids (8 bytes a vector), so at
+  tight budgets it is built without the rotation (Plan.rotation_fits), and measured so here.
 
-Neither wins everywhere (docs/bench-index.md), so both are built small, trained on EVAL_DB sample points
+No family wins everywhere (docs/bench-index.md), so all are built small, trained on EVAL_DB sample points
 with short k-means, and searched at the operating point the tuner will buy within the query-time budget.
-The residual family must win by MIN_GAIN; the flat family is the default (it also serves memory-mapped
-lists and per-request re-rank depths).
+A residual plan must beat the flat family by MIN_GAIN (the rule below); of those that do, the one that
+finds the most is taken. The flat family is the default (it also serves memory-mapped lists and
+per-request re-rank depths).
 
 With text-like tuning queries (--tuning-queries, captions, --clip-model), they decide, and the small
 indexes are filled with the **whole training sample**, so that neighbours lie as close together as in
@@ -29,8 +34,9 @@ image vectors alone do not show it. So the two ends of that range are measured i
 points (no gap) and random directions (the widest gap, nothing near). The residual family is taken only
 where it wins at the near end by MIN_GAIN and loses at most BLIND_TOLERANCE at the far end, so that it
 holds whatever the gap turns out to be; text queries lie between the two. On the development draws of
-benchmarks/geometries.py this takes it on `steep` (small gap, most variance in few directions) and keeps
-the flat family on the four others, where random directions cost it 0.05-0.13 (docs/bench-index.md).
+benchmarks/geometries.py this takes the listed residual family on `steep` (small gap, most variance in
+few directions) and keeps the flat family on the four others, where random directions cost it
+0.05-0.13 (docs/bench-index.md); the full-scan one loses nothing to unprobed lists at the far end.
 This comparison stays at sample scale (EVAL_DB points, RERANK_SHARE of them re-ranked, all lists
 probed): filled to full density, random directions punish lists trained on a subsample far more than
 the full build's (outliers-200k: 0.70 estimated, 0.82 built), and the rule's tolerance was set here.
@@ -80,6 +86,8 @@ def scaled_factory(factory: str, n_full: int, n_small: int) -> tuple[str, int]:
     m = re.match(r"IVF(\d+)(_HNSW\d+)?", factory)
     if not m:
         return factory, 0
+    if int(m.group(1)) == 1:  # one list, scanned whole: nothing to scale
+        return factory, 1
     per_list = n_full / int(m.group(1))
     nl = max(8, 2 ** round(math.log2(max(1.0, n_small / per_list))))
     return f"IVF{nl}" + factory[m.end() :], nl
@@ -193,7 +201,8 @@ def choose(
     est: dict[str, dict[str, float]] = {name: {} for name in sets}
     for p in plans:
         sizes = rotation.sub_vector_sizes(p.factory, d) or (1,)
-        m = rotation.balanced_pca(db, sizes)
+        # measured as it will be built: rotated, unless the rotation does not fit beside its codes
+        m = rotation.balanced_pca(db, sizes) if p.rotation_fits else np.eye(d, dtype=np.float32)
         # with text-like queries: trained on the start of the shuffled sample, filled with all of it
         x = _rotated(sample, perm, m) if text else np.ascontiguousarray(db @ m.T)
         index, nlist = build_small(p.factory, n_full, x)
@@ -204,17 +213,23 @@ def choose(
             est[name][p.factory] = round(recall_at_operating_point(index, nlist, qq, gt, share, k_factor), 4)
         searched = len(x)
         del x, index
-    first, second = plans[0], plans[1]
-    gains = {name: e[second.factory] - e[first.factory] for name, e in est.items()}
+    first = plans[0]
+    taken: list[tuple[float, Plan]] = []
+    whys = []
+    for other in plans[1:]:
+        gains = {name: e[other.factory] - e[first.factory] for name, e in est.items()}
+        ok, why = decide(gains)
+        whys.append(f"{other.factory} {why}")
+        if ok:  # the residual candidate that finds the most where it is taken (text-like, else up close)
+            taken.append((next(iter(gains.values())), other))
     how = (
         "; ".join(
-            f"{name}: {first.factory} {e[first.factory]:.3f}, {second.factory} {e[second.factory]:.3f}"
+            f"{name}: " + ", ".join(f"{p.factory} {e[p.factory]:.3f}" for p in plans)
             for name, e in est.items()
         )
         + f" (recall@10 over {searched} sample points, {time.perf_counter() - t0:.0f} s)"
     )
-    ok, why = decide(gains)
-    plan = second if ok else first
-    choice = FamilyChoice(plan, f"{plan.factory}: {second.factory} {why}: {how}", est)
+    plan = max(taken, key=lambda t: t[0])[1] if taken else first
+    choice = FamilyChoice(plan, f"{plan.factory}: " + "; ".join(whys) + f": {how}", est)
     logger.info("code family: %s", choice.reason)
     return choice

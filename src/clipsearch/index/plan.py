@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clipsearch.errors import ConfigError, IndexBuildError
 from clipsearch.index.config import format_memory
@@ -40,6 +40,14 @@ FLAT_SCAN_BYTES_PER_S = 4e9  # one core streaming float32 dot products, measured
 HNSW_MAX_VECTORS = 2_000_000  # beyond this, building HNSW on few cores takes hours
 ID_BYTES = 8
 FAST_SCAN_BYTES_PER_S = 8e9  # PQ x4fs codes scanned per second by one core (measured ~16e9, halved)
+# 8-bit PQ codes of an IVFPQR's first level scanned per second by one core (measured: 200k x 64 bytes
+# in 3.2 ms of CPU, docs/bench-index.md session 11)
+PQ_SCAN_BYTES_PER_S = 4e9
+
+
+def rotation_bytes(d: int) -> int:
+    """Size of the balanced rotation (a d x d float32 matrix in an IndexPreTransform)."""
+    return 4 * d * d
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ class Plan:
     reason: str
     memory_bytes: int
     mmap: bool = False
+    # whether the d x d balanced rotation (index.rotation, 4 d^2 bytes) fits the budget beside the codes
+    rotation_fits: bool = True
 
     def to_json(self) -> dict:
         return {
@@ -56,6 +66,7 @@ class Plan:
             "kind": self.kind,
             "reason": self.reason,
             "memory_bytes": self.memory_bytes,
+            "rotation_fits": self.rotation_fits,
         }
 
 
@@ -320,7 +331,7 @@ def residual_plan(n: int, d: int, budget: int, *, mmap: bool = False) -> Plan | 
         (m2, m1, nl) for m2 in (d // 2, d // 4) for m1 in (d // 8, d // 16, d // 32) for nl in nlists
     ):
         cq_key, cq = coarse(nlist, d)
-        fixed = cq + 2 * 4 * d * 256 + 4 * d * d  # centroids, two PQ codebooks, a d x d rotation
+        fixed = cq + 2 * 4 * d * 256 + rotation_bytes(d)  # centroids, two PQ codebooks, the rotation
         mem = fixed + n * (m1 + m2 + ID_BYTES)
         if mem <= budget:
             return Plan(
@@ -333,6 +344,38 @@ def residual_plan(n: int, d: int, budget: int, *, mmap: bool = False) -> Plan | 
     return None
 
 
+def full_scan_residual_plan(n: int, d: int, budget: int, max_query_ms: float = 10.0, *, mmap: bool = False):
+    """The two-level residual code with one list, `IVF1,PQ{d/8}+{d/2}`, or None: every vector's 8-bit
+    PQ{d/8} code (of its offset from the mean) is scanned, and the best candidates are re-ranked with
+    PQ{d/2} codes of what that code leaves. Like the flat fast-scan family it looks at everything, so
+    queries far from the images (a wide modality gap, random directions) lose nothing to unprobed lists;
+    like the residual family its re-rank codes spend their bytes on what the first code missed (outliers
+    and steep draws of benchmarks/geometries.py at 200k: text-query recall@10 0.92-0.95 against
+    0.85-0.88 for `PQ{d/4}x4fs,Refine(PQ{d/2}x8)`, docs/bench-index.md session 11).
+
+    Offered where the scan of the first level takes at most half the query-time budget; its codes are
+    8 bytes more per vector than the flat family's (the list's ids), so the rotation may not fit beside
+    them (`rotation_fits`). Coarser first levels (PQ{d/16}) rank candidates too badly (0.89 at 9 ms)."""
+    if mmap or n < PQR_MIN_VECTORS or d % 32:
+        return None
+    m1, m2 = d // 8, d // 2
+    scan_ms = n * m1 / PQ_SCAN_BYTES_PER_S * 1000
+    mem = 4 * d + 2 * 4 * d * 256 + n * (m1 + m2 + ID_BYTES)  # the mean, two PQ codebooks, codes and ids
+    if scan_ms > max_query_ms / 2 or mem > budget:
+        return None
+    fits = mem + rotation_bytes(d) <= budget
+    return Plan(
+        f"IVF1,PQ{m1}+{m2}",
+        "pqr",
+        f"{n} vectors in {format_memory(budget)}: a full scan of PQ{m1}x8 residual codes (~{scan_ms:.1f} ms), "
+        f"re-ranked with PQ{m2} codes of the second residual ({format_memory(mem)}"
+        + ("" if fits else f"; no room for the {format_memory(rotation_bytes(d))} rotation")
+        + ")",
+        mem,
+        rotation_fits=fits,
+    )
+
+
 def plan_candidates(
     n: int,
     d: int,
@@ -342,13 +385,18 @@ def plan_candidates(
     mmap: bool = False,
     index_key: str | None = None,
 ) -> list[Plan]:
-    """plan_index's plan, then the two-level residual one when the first is a quantized one and the
-    second fits: the caller measures both on the training sample (index.family)."""
+    """plan_index's plan, then the two-level residual ones (full scan, IVF lists) when the first is a
+    quantized one and they fit: the caller measures them on the training sample (index.family)."""
     first = plan_index(n, d, budget, max_query_ms, mmap=mmap, index_key=index_key)
     if index_key or first.kind in ("flat", "hnsw", "pqr"):
         return [first]
-    second = residual_plan(n, d, budget, mmap=mmap)
-    return [first] if second is None else [first, second]
+    if first.memory_bytes + rotation_bytes(d) > budget:
+        first = replace(first, rotation_fits=False)
+    others = [
+        full_scan_residual_plan(n, d, budget, max_query_ms, mmap=mmap),
+        residual_plan(n, d, budget, mmap=mmap),
+    ]
+    return [first] + [p for p in others if p is not None]
 
 
 def describe_key(key: str, n: int, d: int) -> tuple[str, int]:

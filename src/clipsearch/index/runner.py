@@ -17,7 +17,7 @@ from clipsearch.distribute import distribute
 from clipsearch.errors import IndexBuildError, InputError, OutputExistsError, UnitFailedError
 from clipsearch.index import build, family, rotation
 from clipsearch.index.config import IndexConfig, format_memory
-from clipsearch.index.plan import Plan, plan_candidates, train_points
+from clipsearch.index.plan import Plan, plan_candidates, rotation_bytes, train_points
 from clipsearch.index.readers import detect_input, load_queries, open_source
 from clipsearch.index.tune import far_queries, tune
 
@@ -315,6 +315,11 @@ def _rotation(cfg: IndexConfig, plan: Plan, sample: np.ndarray, text_queries: np
         return rotation.Choice(rotation.NAME, f"--rotation {rotation.NAME}")
     if cfg.index_key:
         return rotation.Choice(None, "the factory was forced by --index-key")
+    if not plan.rotation_fits:
+        return rotation.Choice(
+            None,
+            f"no room for the {format_memory(rotation_bytes(sample.shape[1]))} rotation beside {plan.factory}",
+        )
     return rotation.choose(plan.factory, sample, text_queries, cfg.seed)
 
 

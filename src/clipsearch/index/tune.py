@@ -141,6 +141,8 @@ def _grid(index, kind: str) -> list[list[dict]]:
             return [[{"k_factor": kf} for kf in k_factors]]
         return [[{}]]
     nlist = ivf.nlist
+    if nlist == 1 and isinstance(idx, faiss.IndexIVFPQR):  # a full scan: the re-rank depth is the one knob
+        return [[{"nprobe": 1, "k_factor": kf} for kf in k_factors[3:]]]
     probes, p = [], 1
     while p < nlist:
         probes.append(p)

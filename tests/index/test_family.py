@@ -138,6 +138,24 @@ def test_blind_rule_wants_a_win_near_and_no_loss_far(gains, taken):
     assert all(name in why for name in gains)
 
 
+@pytest.mark.parametrize(
+    "gains, listed, full",
+    [
+        # the full-scan plan without text: the 200k draws of session 11 (docs/bench-index.md)
+        ({"held-out points": 0.071, "random directions": -0.035}, False, True),  # outliers, seed 7
+        ({"held-out points": 0.067, "random directions": -0.011}, True, True),  # outliers-200k
+        ({"held-out points": 0.058, "random directions": -0.055}, False, False),  # clip-200k: a tie on text
+        ({"held-out points": 0.005, "random directions": 0.011}, False, False),  # isotropic: no win near
+    ],
+)
+def test_a_full_scan_plan_is_judged_on_the_mean_of_both_ends(gains, listed, full):
+    """Nothing is left unprobed by a one-list plan, so the far end does not veto it alone."""
+    assert family.decide(gains)[0] is listed
+    ok, why = family.decide(gains, full_scan=True)
+    assert ok is full and "mean" in why
+    assert family.scans_everything("IVF1,PQ64+256") and not family.scans_everything("IVF16,PQ64+256")
+
+
 def test_full_scan_residual_candidate_where_its_scan_fits_the_budget():
     n, d = 200_000, 512
     full = full_scan_residual_plan(n, d, 64 << 20)

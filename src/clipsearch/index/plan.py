@@ -344,6 +344,11 @@ def residual_plan(n: int, d: int, budget: int, *, mmap: bool = False) -> Plan | 
     return None
 
 
+def scans_everything(factory: str) -> bool:
+    """A one-list IVF (`IVF1,...`): every vector's code is scanned, nothing is left unprobed."""
+    return re.match(r"IVF1,", factory) is not None
+
+
 def full_scan_residual_plan(n: int, d: int, budget: int, max_query_ms: float = 10.0, *, mmap: bool = False):
     """The two-level residual code with one list, `IVF1,PQ{d/8}+{d/2}`, or None: every vector's 8-bit
     PQ{d/8} code (of its offset from the mean) is scanned, and the best candidates are re-ranked with

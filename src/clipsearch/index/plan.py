@@ -17,6 +17,9 @@ candidates cheaply and (2) re-ranking them with the most precise codes the budge
   for the re-rank). On data whose variance sits in few directions it is the more precise code for its
   bytes; on flat spectra its ranker ranks text queries worse than the full fast-scan. Which of the two
   serves the data is measured on the training sample (`family.choose`), not decided here;
+- beside those, where scanning every vector's 8-bit PQ{d/8} code fits half the query budget: the same
+  code with one list, `IVF1,PQ{d/8}+{d/2}` (full_scan_residual_plan), which looks at everything as the
+  fast-scan plan does and re-ranks with codes of what its first code missed;
 - with `--should-be-memory-mappable`: `Flat` as above (its vectors are mapped from the file when served),
   else `IVF{nlist}[_HNSW32],{SQ8|PQ{M}x8}` merged into on-disk inverted lists (fast-scan lists cannot
   live on disk in faiss).

@@ -67,6 +67,12 @@ def cpu_bf16() -> str | None:
     return None
 
 
+def cpu_int8_dot() -> bool:
+    """Whether the CPU multiplies int8 without saturating (VNNI or AMX). Without it (AVX2 alone) the
+    u8 x s8 pair products saturate at 16 bits, and int8 models need 7-bit weights (nncf's overflow fix)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 @functools.cache
 def backend_available(backend: str) -> tuple[bool, str]:
     """(importable, why not). torch is always there."""

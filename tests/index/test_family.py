@@ -228,3 +228,22 @@ def test_a_full_scan_residual_index_tunes_its_re_rank_depth_alone(tmp_path):
     res = open_index(str(tmp_path / "index")).search(q, 10)
     _, gt = faiss.knn(q, data["image"], 10, metric=faiss.METRIC_INNER_PRODUCT)
     assert _recall(res.ids, gt) >= 0.8
+
+
+def test_full_scan_plan_follows_the_measured_scan_rate():
+    """The full scan's latency is the machine's: an AVX2-only CPU scanned PQ codes 5x slower than the
+    AVX-512 one the constant was measured on, and the plan must then not be offered."""
+    n, d = 200_000, 512
+    calls = []
+
+    def slow():
+        calls.append(1)
+        return 0.74e9  # measured on an AVX2-only EPYC: a 17 ms scan, over half of 10 ms
+
+    kinds = [p.factory for p in plan_candidates(n, d, 64 << 20, scan_bytes_per_s=slow)]
+    assert calls and not any(f.startswith("IVF1,") for f in kinds)
+    assert any(f.startswith("IVF1,") for f in (p.factory for p in plan_candidates(n, d, 64 << 20)))
+    from clipsearch.index.plan import measured_pq_scan_rate
+
+    rate = measured_pq_scan_rate(64, n=8192, queries=3)
+    assert 1e7 < rate < 1e12

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from clipsearch.errors import ConfigError, IndexBuildError
@@ -44,7 +45,8 @@ HNSW_MAX_VECTORS = 2_000_000  # beyond this, building HNSW on few cores takes ho
 ID_BYTES = 8
 FAST_SCAN_BYTES_PER_S = 8e9  # PQ x4fs codes scanned per second by one core (measured ~16e9, halved)
 # 8-bit PQ codes of an IVFPQR's first level scanned per second by one core (measured: 200k x 64 bytes
-# in 3.2 ms of CPU, docs/bench-index.md session 11)
+# in 3.2 ms of CPU on an AVX-512 Xeon, docs/bench-index.md session 11). Builds measure this machine's own
+# rate (measured_pq_scan_rate): an AVX2-only EPYC scanned 0.74e9 per second, 5x slower (session 12).
 PQ_SCAN_BYTES_PER_S = 4e9
 
 
@@ -352,7 +354,45 @@ def scans_everything(factory: str) -> bool:
     return re.match(r"IVF1,", factory) is not None
 
 
-def full_scan_residual_plan(n: int, d: int, budget: int, max_query_ms: float = 10.0, *, mmap: bool = False):
+def measured_pq_scan_rate(d: int, n: int = 65536, queries: int = 15) -> float:
+    """Bytes of 8-bit PQ{d/8} codes one core scans per second here, in an IVFPQ with one list: random
+    codebooks and codes (the scan's cost does not depend on them), median CPU time of single queries.
+    ~0.25 s. The full-scan plan's latency depends on it more than on anything else (5x between machines)."""
+    import time
+
+    import faiss
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    m = d // 8
+    idx = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, 1, m, 8)
+    idx.quantizer.add(np.zeros((1, d), np.float32))
+    faiss.copy_array_to_vector(rng.standard_normal(256 * d).astype(np.float32), idx.pq.centroids)
+    idx.is_trained = True
+    idx.precompute_table()
+    codes = rng.integers(0, 256, (n, m), dtype=np.uint8)
+    ids = np.arange(n, dtype=np.int64)
+    idx.invlists.add_entries(0, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    idx.ntotal = n
+    q = rng.standard_normal((queries + 1, d), dtype=np.float32)
+    idx.search(q[:1], 10)  # warm up
+    times = []
+    for i in range(1, queries + 1):
+        t = time.process_time()
+        idx.search(q[i : i + 1], 10)
+        times.append(time.process_time() - t)
+    return n * m / max(float(np.median(times)), 1e-6)
+
+
+def full_scan_residual_plan(
+    n: int,
+    d: int,
+    budget: int,
+    max_query_ms: float = 10.0,
+    *,
+    mmap: bool = False,
+    scan_bytes_per_s: float = PQ_SCAN_BYTES_PER_S,
+):
     """The two-level residual code with one list, `IVF1,PQ{d/8}+{d/2}`, or None: every vector's 8-bit
     PQ{d/8} code (of its offset from the mean) is scanned, and the best candidates are re-ranked with
     PQ{d/2} codes of what that code leaves. Like the flat fast-scan family it looks at everything, so
@@ -361,13 +401,14 @@ def full_scan_residual_plan(n: int, d: int, budget: int, max_query_ms: float = 1
     and steep draws of benchmarks/geometries.py at 200k: text-query recall@10 0.92-0.95 against
     0.85-0.88 for `PQ{d/4}x4fs,Refine(PQ{d/2}x8)`, docs/bench-index.md session 11).
 
-    Offered where the scan of the first level takes at most half the query-time budget; its codes are
+    Offered where the scan of the first level takes at most half the query-time budget at
+    `scan_bytes_per_s` (builds pass this machine's measured_pq_scan_rate); its codes are
     8 bytes more per vector than the flat family's (the list's ids), so the rotation may not fit beside
     them (`rotation_fits`). Coarser first levels (PQ{d/16}) rank candidates too badly (0.89 at 9 ms)."""
     if mmap or n < PQR_MIN_VECTORS or d % 32:
         return None
     m1, m2 = d // 8, d // 2
-    scan_ms = n * m1 / PQ_SCAN_BYTES_PER_S * 1000
+    scan_ms = n * m1 / scan_bytes_per_s * 1000
     mem = 4 * d + 2 * 4 * d * 256 + n * (m1 + m2 + ID_BYTES)  # the mean, two PQ codebooks, codes and ids
     if scan_ms > max_query_ms / 2 or mem > budget:
         return None
@@ -392,16 +433,19 @@ def plan_candidates(
     *,
     mmap: bool = False,
     index_key: str | None = None,
+    scan_bytes_per_s: float | Callable[[], float] = PQ_SCAN_BYTES_PER_S,
 ) -> list[Plan]:
     """plan_index's plan, then the two-level residual ones (full scan, IVF lists) when the first is a
-    quantized one and they fit: the caller measures them on the training sample (index.family)."""
+    quantized one and they fit: the caller measures them on the training sample (index.family).
+    `scan_bytes_per_s` may be a function (measured_pq_scan_rate), called only when the full scan could fit."""
     first = plan_index(n, d, budget, max_query_ms, mmap=mmap, index_key=index_key)
     if index_key or first.kind in ("flat", "hnsw", "pqr"):
         return [first]
     if first.memory_bytes + rotation_bytes(d) > budget:
         first = replace(first, rotation_fits=False)
+    rate = scan_bytes_per_s() if callable(scan_bytes_per_s) else scan_bytes_per_s
     others = [
-        full_scan_residual_plan(n, d, budget, max_query_ms, mmap=mmap),
+        full_scan_residual_plan(n, d, budget, max_query_ms, mmap=mmap, scan_bytes_per_s=rate),
         residual_plan(n, d, budget, mmap=mmap),
     ]
     return [first] + [p for p in others if p is not None]

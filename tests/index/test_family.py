@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from clipsearch.index import IndexConfig, build_index, family, tune
-from clipsearch.index.plan import full_scan_residual_plan, plan_candidates, residual_plan
+from clipsearch.index.plan import (
+    full_scan_residual_plan,
+    measured_pq_scan_rate,
+    plan_candidates,
+    residual_plan,
+)
 from clipsearch.search.live import open_index
 from clipsearch.segments import layout
 from clipsearch.segments.append import append_segment
@@ -243,7 +248,7 @@ def test_full_scan_plan_follows_the_measured_scan_rate():
     kinds = [p.factory for p in plan_candidates(n, d, 64 << 20, scan_bytes_per_s=slow)]
     assert calls and not any(f.startswith("IVF1,") for f in kinds)
     assert any(f.startswith("IVF1,") for f in (p.factory for p in plan_candidates(n, d, 64 << 20)))
-    from clipsearch.index.plan import measured_pq_scan_rate
-
+    calls.clear()  # no measurement where the plan cannot fit the memory budget anyway
+    assert full_scan_residual_plan(n, d, 48 << 20, scan_bytes_per_s=slow) is None and not calls
     rate = measured_pq_scan_rate(64, n=8192, queries=3)
     assert 1e7 < rate < 1e12

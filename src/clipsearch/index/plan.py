@@ -391,7 +391,7 @@ def full_scan_residual_plan(
     max_query_ms: float = 10.0,
     *,
     mmap: bool = False,
-    scan_bytes_per_s: float = PQ_SCAN_BYTES_PER_S,
+    scan_bytes_per_s: float | Callable[[], float] = PQ_SCAN_BYTES_PER_S,
 ):
     """The two-level residual code with one list, `IVF1,PQ{d/8}+{d/2}`, or None: every vector's 8-bit
     PQ{d/8} code (of its offset from the mean) is scanned, and the best candidates are re-ranked with
@@ -402,15 +402,19 @@ def full_scan_residual_plan(
     0.85-0.88 for `PQ{d/4}x4fs,Refine(PQ{d/2}x8)`, docs/bench-index.md session 11).
 
     Offered where the scan of the first level takes at most half the query-time budget at
-    `scan_bytes_per_s` (builds pass this machine's measured_pq_scan_rate); its codes are
+    `scan_bytes_per_s` (builds pass this machine's measured_pq_scan_rate, called only once the plan
+    fits the memory budget); its codes are
     8 bytes more per vector than the flat family's (the list's ids), so the rotation may not fit beside
     them (`rotation_fits`). Coarser first levels (PQ{d/16}) rank candidates too badly (0.89 at 9 ms)."""
     if mmap or n < PQR_MIN_VECTORS or d % 32:
         return None
     m1, m2 = d // 8, d // 2
-    scan_ms = n * m1 / scan_bytes_per_s * 1000
     mem = 4 * d + 2 * 4 * d * 256 + n * (m1 + m2 + ID_BYTES)  # the mean, two PQ codebooks, codes and ids
-    if scan_ms > max_query_ms / 2 or mem > budget:
+    if mem > budget:
+        return None
+    rate = scan_bytes_per_s() if callable(scan_bytes_per_s) else scan_bytes_per_s
+    scan_ms = n * m1 / rate * 1000
+    if scan_ms > max_query_ms / 2:
         return None
     fits = mem + rotation_bytes(d) <= budget
     return Plan(
@@ -437,15 +441,14 @@ def plan_candidates(
 ) -> list[Plan]:
     """plan_index's plan, then the two-level residual ones (full scan, IVF lists) when the first is a
     quantized one and they fit: the caller measures them on the training sample (index.family).
-    `scan_bytes_per_s` may be a function (measured_pq_scan_rate), called only when the full scan could fit."""
+    `scan_bytes_per_s`: as in full_scan_residual_plan."""
     first = plan_index(n, d, budget, max_query_ms, mmap=mmap, index_key=index_key)
     if index_key or first.kind in ("flat", "hnsw", "pqr"):
         return [first]
     if first.memory_bytes + rotation_bytes(d) > budget:
         first = replace(first, rotation_fits=False)
-    rate = scan_bytes_per_s() if callable(scan_bytes_per_s) else scan_bytes_per_s
     others = [
-        full_scan_residual_plan(n, d, budget, max_query_ms, mmap=mmap, scan_bytes_per_s=rate),
+        full_scan_residual_plan(n, d, budget, max_query_ms, mmap=mmap, scan_bytes_per_s=scan_bytes_per_s),
         residual_plan(n, d, budget, mmap=mmap),
     ]
     return [first] + [p for p in others if p is not None]
